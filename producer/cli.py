@@ -1,0 +1,222 @@
+"""The `gristmill` command: a thin layer over the Python API (producer.api) and the worker service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from producer import api
+from producer.progress import ProgressPrinter
+from schema.errors import GristmillError, InputError
+from schema.jobs import SamplingParams
+from schema.settings import Settings, get_settings, redact
+
+
+def _job_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="OpenAI batch JSONL, or simple JSONL lines {custom_id|id, text}")
+    p.add_argument("--model", help="registry name, Hugging Face folder or GGUF file (default: GRISTMILL_MODEL)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--system", help="system prompt for simple JSONL lines")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _export_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-o", "--output", required=required, help="results file")
+    p.add_argument("--errors", help="failed items go here (default: inline in the output, with their error)")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="gristmill", description="Batch LLM jobs with results in SQL.")
+    sub = root.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="all in one, no servers: submit, run in this process, export")
+    _job_flags(run)
+    _export_flags(run)
+    run.add_argument("--engine", choices=["auto", "vllm", "transformers"])
+    worker = sub.add_parser("worker", help="a Celery worker with the engine loaded once")
+    worker.add_argument("--model")
+    worker.add_argument("--engine", choices=["auto", "vllm", "transformers"])
+    worker.add_argument("--loglevel", default="INFO")
+    submit = sub.add_parser("submit", help="validate, store and enqueue a file; prints the batch id")
+    _job_flags(submit)
+    submit.add_argument("--wait", action="store_true", help="show a progress bar until the batch ends")
+    status = sub.add_parser("status", help="one batch, or a table of recent ones")
+    status.add_argument("batch_id", nargs="?")
+    status.add_argument("--wait", action="store_true")
+    status.add_argument("--json", action="store_true", help="OpenAI-style batch object(s)")
+    status.add_argument("--limit", type=int, default=20)
+    results = sub.add_parser("results", help="export results in input order")
+    results.add_argument("batch_id")
+    _export_flags(results)
+    cancel = sub.add_parser("cancel", help="cancel a batch: queued items stop, finished results stay")
+    cancel.add_argument("batch_id")
+    stats = sub.add_parser("stats", help="timing summary of a batch")
+    stats.add_argument("batch_id")
+    stats.add_argument("--json", action="store_true")
+    models = sub.add_parser("models", help="model cache").add_subparsers(dest="action", required=True)
+    prepare = models.add_parser("prepare", help="convert a model once into the local cache")
+    prepare.add_argument("name", nargs="?")
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="apply Alembic migrations")
+    return root
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, stop=args.stop)
+
+
+def _metadata(pairs: list[str]) -> dict[str, str]:
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise GristmillError(f"--metadata expects KEY=VALUE, got {bad[0]!r}")
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> api.BatchHandle:
+    return api.submit(args.input, model=args.model, sampling=_sampling(args), system_prompt=args.system,
+                      metadata=_metadata(args.metadata), settings=settings)
+
+
+def _wait(handle: api.BatchHandle) -> Any:
+    printer = ProgressPrinter()
+    try:
+        return handle.wait(on_progress=printer)
+    finally:
+        printer.close()
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.service import serve
+
+    started = time.perf_counter()
+    handle = _submit(args, settings)
+    print(f"batch {handle.id}", file=sys.stderr)
+    printer = ProgressPrinter()
+
+    def finished() -> bool:
+        info = handle.status()
+        printer(info)
+        return info.done
+
+    rt = serve(settings, model=args.model, engine=args.engine, loglevel="WARNING", stop_when=finished)
+    printer.close()
+    info = handle.status()
+    counts = handle.results(args.output, args.errors, args.format)
+    summary = handle.stats()
+    wall = time.perf_counter() - started
+    tps = summary["output_tokens_per_s"] or 0.0
+    print(f"{info.status}: {summary['items']} items, {counts.succeeded} succeeded, {counts.failed} failed; "
+          f"wall {wall:.1f} s (engine start {rt.engine_start_s:.1f} s); {summary['completion_tokens']} output "
+          f"tokens, {tps:.1f} tokens/s; results in {args.output}", file=sys.stderr)
+    return 0 if info.status == "completed" else 1
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.service import serve
+
+    print(f"gristmill worker: broker {redact(settings.broker_url)}, database {redact(settings.database_url)}",
+          file=sys.stderr)
+    serve(settings, model=args.model, engine=args.engine, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    handle = _submit(args, settings)
+    print(handle.id)
+    if args.wait:
+        return 0 if _wait(handle).status == "completed" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    if args.batch_id is None:
+        batches = api.list_batches(args.limit, settings)
+        if args.json:
+            print(json.dumps([b.model_dump() for b in batches], indent=2))
+        else:
+            print(f"{'id':<40} {'status':<12} {'done':>13} {'failed':>7} {'elapsed':>9}  model")
+            for b in batches:
+                c = b.request_counts
+                print(f"{b.id:<40} {b.status:<12} {f'{c.completed + c.failed}/{c.total}':>13} {c.failed:>7} "
+                      f"{b.elapsed_s or 0:>8.1f}s  {b.model}")
+        return 0
+    handle = api.open_batch(args.batch_id, settings)
+    info = _wait(handle) if args.wait else handle.status()
+    if args.json:
+        print(info.model_dump_json(indent=2))
+    else:
+        from producer.progress import render
+        print(render(info))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    counts = api.open_batch(args.batch_id, settings).results(args.output, args.errors, args.format)
+    print(f"{counts.succeeded} succeeded, {counts.failed} failed, {counts.pending} not finished; "
+          f"written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    info = api.open_batch(args.batch_id, settings).cancel()
+    print(info.status)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    summary = api.open_batch(args.batch_id, settings).stats()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.2f}"
+        print(f"{key:<20} {value}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.models import prepare
+
+    print(prepare(args.name or settings.model, settings.cache_dir))
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from schema.db import upgrade
+
+    upgrade(settings.database_url)
+    print(f"database {redact(settings.database_url)} is at the latest schema", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
+            "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "models": cmd_models, "db": cmd_db}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args, get_settings())
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (GristmillError, TimeoutError) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

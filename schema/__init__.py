@@ -1,0 +1,1 @@
+"""The contract producer and worker share: job specs, line formats, SQL tables, settings."""

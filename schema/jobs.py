@@ -1,0 +1,44 @@
+"""What an engine is asked to do and what it answers: the types both sides of the queue share."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ChatMessage(BaseModel):
+    """One chat turn, as in the OpenAI chat-completions API."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingParams(BaseModel):
+    """Sampling parameters every engine honours."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+class GenerationRequest(BaseModel):
+    """One item to generate: chat messages (rendered with the model's chat template) or a raw prompt."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = SamplingParams()
+
+
+class GenerationResult(BaseModel):
+    """An engine's answer to one request; `error` set means this item failed, the others did not."""
+
+    text: str = ""
+    finish_reason: Literal["stop", "length", "error"] = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None

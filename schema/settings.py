@@ -1,0 +1,48 @@
+"""One settings object, read from GRISTMILL_* environment variables; defaults run with no servers."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER = "filesystem://"
+
+
+class Settings(BaseSettings):
+    """Deployment settings. Every field is GRISTMILL_<FIELD> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="GRISTMILL_", extra="ignore")
+
+    database_url: str = "sqlite:///gristmill.db"
+    broker_url: str = EMBEDDED_BROKER
+    model: str = "smollm2-135m-instruct"
+    engine: str = "auto"  # auto | vllm | transformers
+    home: Path = Path(".gristmill")  # embedded broker folder lives here
+    cache_dir: Path = Path.home() / ".cache" / "gristmill"  # prepared models
+    chunk_size: int = Field(default=64, ge=1)
+    max_model_len: int = Field(default=2048, ge=64)
+    max_line_bytes: int = Field(default=1_000_000, ge=1)
+    max_items_per_batch: int = Field(default=100_000, ge=1)
+    visibility_timeout_s: int = Field(default=3600, ge=60)
+    chunk_time_limit_s: int = Field(default=1800, ge=10)
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z0-9+.\-]+://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@", re.I)
+
+
+def redact(url: str) -> str:
+    """A URL with its password replaced, safe for logs and error messages."""
+    return _SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)

@@ -1,0 +1,92 @@
+"""Shared fixtures: a fresh PostgreSQL database, SQLite file and Redis db per test, and settings over them.
+
+The services are real and must be running (.ci/run starts them): a test that cannot reach one fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from schema.settings import Settings
+
+PG_ADMIN = os.environ.get("GRISTMILL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("GRISTMILL_TEST_REDIS", "redis://127.0.0.1:6379")
+REPO = Path(__file__).resolve().parents[1]
+_redis_dbs = itertools.cycle(range(1, 16))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    name = f"gm_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    yield url
+    from schema.db import get_engine
+
+    get_engine(url).dispose()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:  # FORCE: a worker subprocess may linger
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'gristmill.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    url = f"{REDIS_BASE}/{next(_redis_dbs)}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def make(database_url: str, broker_url: str = "filesystem://", **extra: object) -> Settings:
+        return Settings(database_url=database_url, broker_url=broker_url, home=tmp_path / ".gristmill", **extra)
+
+    return make
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The environment a `gristmill` subprocess needs to run on these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRISTMILL_")}
+    env.update({
+        "GRISTMILL_DATABASE_URL": settings.database_url,
+        "GRISTMILL_BROKER_URL": settings.broker_url,
+        "GRISTMILL_HOME": str(settings.home),
+        "PYTHONPATH": str(REPO),
+    })
+    return env
+
+
+def gristmill(*args: str, settings: Settings, cwd: Path, timeout: float = 600,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=cli_env(settings), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gristmill {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc

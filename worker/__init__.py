@@ -1,0 +1,1 @@
+"""Everything that executes: Celery app, tasks, engines, result store, model preparation."""

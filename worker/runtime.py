@@ -1,0 +1,51 @@
+"""The worker process's long-lived state: settings, the loaded engine, the database. Loaded once."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+
+from schema.db import get_sessionmaker, upgrade
+from schema.errors import EngineError
+from schema.settings import Settings
+from worker.engines import load_engine
+from worker.engines.base import Engine
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    host: str = field(default_factory=socket.gethostname)
+    engine_start_s: float = 0.0
+
+
+_current: Runtime | None = None
+
+
+def start(settings: Settings, model: str | None = None, engine: str | None = None) -> Runtime:
+    """Prepare the database and load the engine; every task in this process then uses them."""
+    global _current
+    upgrade(settings.database_url)
+    began = time.perf_counter()
+    loaded = load_engine(model or settings.model, engine or settings.engine, settings)
+    _current = Runtime(settings=settings, engine=loaded, engine_start_s=time.perf_counter() - began)
+    return _current
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise EngineError("no engine is loaded in this process; start it with `gristmill worker`")
+    return _current
+
+
+def stop() -> None:
+    global _current
+    if _current is not None:
+        _current.engine.close()
+        _current = None
+
+
+def sessions(runtime: Runtime):  # type: ignore[no-untyped-def]
+    return get_sessionmaker(runtime.settings.database_url)
