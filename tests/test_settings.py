@@ -1,0 +1,37 @@
+"""Settings come from GRISTMILL_* variables; secrets never show in what we print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schema.settings import Settings, redact
+from tests.conftest import gristmill
+
+
+def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRISTMILL_DATABASE_URL", "postgresql+psycopg://u:p@db/x")
+    monkeypatch.setenv("GRISTMILL_CHUNK_SIZE", "32")
+    settings = Settings()
+    assert settings.database_url == "postgresql+psycopg://u:p@db/x" and settings.chunk_size == 32
+    assert Settings.model_fields["broker_url"].default == "filesystem://"
+
+
+@pytest.mark.parametrize(("url", "safe"), [
+    ("redis://:hunter2@host:6379/0", "redis://:***@host:6379/0"),
+    ("rediss://user:hunter2@host:6380/1", "rediss://user:***@host:6380/1"),
+    ("postgresql+psycopg://gm:hunter2@db:5432/gm", "postgresql+psycopg://gm:***@db:5432/gm"),
+    ("sqlite:///gristmill.db", "sqlite:///gristmill.db"),
+])
+def test_redact(url: str, safe: str) -> None:
+    assert redact(url) == safe
+
+
+def test_unreachable_broker_error_hides_password(sqlite_url: str, settings_for, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "text": "hi"}\n')
+    settings = settings_for(sqlite_url, "redis://:hunter2@127.0.0.1:1/0")
+    proc = gristmill("submit", str(path), settings=settings, cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "could not be enqueued" in proc.stderr and "hunter2" not in proc.stderr + proc.stdout
