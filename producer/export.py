@@ -48,11 +48,11 @@ def _line(row: Row[Any], batch_model: str) -> OutputLine | None:
             custom_id=row.custom_id, request_id=f"req_{row.id}", model=row.model or batch_model,
             url=row.endpoint, text=row.output_text, finish_reason=row.finish_reason,
             prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
-            created=epoch(row.created_at) or 0,
+            created=epoch(row.created_at) or 0, line_id=f"batch_req_{row.id}",
         )
     if row.status in (ItemStatus.failed, ItemStatus.cancelled):
         code = "cancelled" if row.status == ItemStatus.cancelled else "item_failed"
-        return error_line(row.custom_id, code, row.last_error or row.status)
+        return error_line(row.custom_id, code, row.last_error or row.status, line_id=f"batch_req_{row.id}")
     return None
 
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from schema.errors import InputError
 from schema.inputs import ParsedItem, parse_input, parse_input_bytes, parse_input_stream
 from schema.jobs import ChatMessage, SamplingParams
-from schema.lines import CHAT_URL, COMPLETIONS_URL
+from schema.lines import CHAT_URL, COMPLETIONS_URL, MaxTokens, Temperature, TopP
 from schema.outputs import CompletionBody, OutputLine, error_line, success_line
 
 SERVED = "smollm2-135m-instruct"
@@ -81,11 +81,25 @@ def test_max_completion_tokens_is_max_tokens_and_stop_list_kept() -> None:
     assert (b.request.sampling.max_tokens, b.request.sampling.stop) == (9, None)
 
 
-def test_openai_completions_and_chat_in_one_file() -> None:
-    items = parse(jsonl(completion("c", temperature=0), chat("d")))
-    assert [(i.custom_id, i.endpoint) for i in items] == [("c", COMPLETIONS_URL), ("d", CHAT_URL)]
+def test_null_fields_mean_the_job_default() -> None:
+    [item] = parse(jsonl(chat(max_tokens=None, temperature=None, stop=None, seed=None)))
+    assert item.request.sampling == DEFAULTS
+
+
+@pytest.mark.parametrize(("bounded", "field"), [(MaxTokens, "max_tokens"), (Temperature, "temperature"),
+                                                (TopP, "top_p")])
+def test_body_bounds_are_the_sampling_bounds(bounded: Any, field: str) -> None:
+    # schema.lines restates SamplingParams' bounds; this keeps the two from drifting apart.
+    [info] = bounded.__metadata__
+    assert info.metadata == SamplingParams.model_fields[field].metadata
+
+
+def test_openai_completions_file() -> None:
+    items = parse(jsonl(completion("c", temperature=0), completion("d", prompt="x")))
+    assert [(i.custom_id, i.endpoint) for i in items] == [("c", COMPLETIONS_URL), ("d", COMPLETIONS_URL)]
     assert items[0].request.prompt == "Once upon" and items[0].request.messages is None
     assert items[0].request.sampling.temperature == 0.0
+    assert items[1].request.prompt == "x"
 
 
 def test_message_content_parts_and_developer_role() -> None:
@@ -100,7 +114,8 @@ def test_message_content_parts_and_developer_role() -> None:
 def test_simple_file_uses_defaults_and_system_prompt() -> None:
     items = parse(jsonl(simple("a", "first"), simple("b", "second", key="id", url="https://x", tag=1)),
                   system_prompt="Summarise.")
-    assert [(i.custom_id, i.endpoint, i.error) for i in items] == [("a", CHAT_URL, None), ("b", CHAT_URL, None)]
+    assert [(i.custom_id, i.endpoint, i.error) for i in items] == [("a", CHAT_URL, None),
+                                                                    ("b", CHAT_URL, None)]
     assert items[1].request.messages == [ChatMessage(role="system", content="Summarise."),
                                          ChatMessage(role="user", content="second")]
     assert items[1].request.sampling == DEFAULTS
@@ -118,7 +133,8 @@ def test_custom_id_wins_over_id_in_simple_lines() -> None:
 
 
 def test_blank_lines_crlf_bom_and_no_final_newline() -> None:
-    data = b"\xef\xbb\xbf" + json.dumps(simple("a")).encode() + b"\r\n\r\n  \t\n" + json.dumps(simple("b")).encode()
+    a, b = (json.dumps(simple(custom_id)).encode() for custom_id in "ab")
+    data = b"\xef\xbb\xbf" + a + b"\r\n\r\n  \t\n" + b
     assert [(i.line, i.custom_id) for i in parse(data)] == [(1, "a"), (4, "b")]
 
 
@@ -147,7 +163,7 @@ def test_path_and_stream_entry_points(tmp_path: Path) -> None:
 
 def test_runnable_errors_mark_only_their_items() -> None:
     items = parse(jsonl(chat("ok"), chat("other", model="gpt-4o"), chat("stream", stream=True),
-                        completion("n", n=2), chat("nomodel", model=None, stream=False, n=1)))
+                        chat("n", n=2), chat("nomodel", model=None, stream=False, n=1)))
     errors = {i.custom_id: i.error for i in items}
     assert errors == {
         "ok": None,
@@ -196,6 +212,8 @@ ERRORS: list[tuple[str, bytes | str, int | None, str | None, str]] = [
     ("no method", jsonl({k: v for k, v in chat().items() if k != "method"}), 1, "method", "missing"),
     ("url", jsonl(chat() | {"url": "/v1/embeddings"}), 1, "url",
      "unsupported url '/v1/embeddings'; supported: /v1/chat/completions, /v1/completions"),
+    ("two urls", jsonl(chat("a"), completion("b")), 2, "url",
+     "url '/v1/completions' differs from '/v1/chat/completions' on line 1; one file holds one endpoint"),
     ("no url", jsonl({k: v for k, v in chat().items() if k != "url"}), 1, "url", "missing"),
     ("no body", jsonl({k: v for k, v in chat().items() if k != "body"}), 1, "body", "missing"),
     ("body type", jsonl(chat() | {"body": "hi"}), 1, "body", "valid dictionary"),
@@ -223,7 +241,8 @@ ERRORS: list[tuple[str, bytes | str, int | None, str | None, str]] = [
     ("token conflict", jsonl(chat(max_tokens=3, max_completion_tokens=4)), 1, "body.max_completion_tokens",
      "conflicts with max_tokens (3)"),
     ("temperature low", jsonl(chat(temperature=-0.1)), 1, "body.temperature", "greater than or equal to 0"),
-    ("temperature high", jsonl(completion(temperature=2.5)), 1, "body.temperature", "less than or equal to 2"),
+    ("temperature high", jsonl(completion(temperature=2.5)), 1, "body.temperature",
+     "less than or equal to 2"),
     ("temperature str", jsonl(chat(temperature="0.5")), 1, "body.temperature", "valid number"),
     ("temperature bool", jsonl(chat(temperature=True)), 1, "body.temperature", "valid number"),
     ("top_p 0", jsonl(chat(top_p=0)), 1, "body.top_p", "greater than 0"),
@@ -247,7 +266,8 @@ ERRORS: list[tuple[str, bytes | str, int | None, str | None, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("data", "line", "field", "message"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+@pytest.mark.parametrize(("data", "line", "field", "message"), [e[1:] for e in ERRORS],
+                         ids=[e[0] for e in ERRORS])
 def test_file_errors(data: bytes | str, line: int | None, field: str | None, message: str) -> None:
     error = fails(data, max_line_bytes=100_000)
     assert (error.line, error.field) == (line, field), error
@@ -258,7 +278,8 @@ def test_file_errors(data: bytes | str, line: int | None, field: str | None, mes
 
 def test_error_message_shows_the_bad_value() -> None:
     error = fails(jsonl(chat(temperature=3)))
-    assert str(error) == "in.jsonl:1: field 'body.temperature': Input should be less than or equal to 2 (got 3)"
+    assert str(error) == ("in.jsonl:1: field 'body.temperature': "
+                          "Input should be less than or equal to 2 (got 3)")
 
 
 def test_whole_file_is_validated_before_anything_returns() -> None:
@@ -269,8 +290,9 @@ def test_line_too_long() -> None:
     ok = json.dumps(simple("a"))
     long = json.dumps(simple("b", "y" * 500))
     error = fails(f"{ok}\n{long}\r\n{ok}\n", max_line_bytes=100)
-    assert (error.line, error.field, error.message) == (2, None, f"line is {len(long)} bytes; the limit is 100")
-    assert fails(f"{ok}\n{long}", max_line_bytes=100).message == f"line is {len(long)} bytes; the limit is 100"
+    expected = f"line is {len(long)} bytes; the limit is 100"
+    assert (error.line, error.field, error.message) == (2, None, expected)
+    assert fails(f"{ok}\n{long}", max_line_bytes=100).message == expected
     assert fails("x" * 101, max_line_bytes=100).message == "line is 101 bytes; the limit is 100"
 
 
@@ -283,7 +305,8 @@ def test_line_length_counts_a_crlf_split_across_reads() -> None:
 
 def test_too_many_items_names_the_first_line_over_the_limit() -> None:
     error = fails(jsonl(simple("a"), "", simple("b"), simple("c")), max_items=2)
-    assert (error.line, error.field, error.message) == (4, None, "file has more than 2 requests; the limit is 2")
+    expected = "file has more than 2 requests; the limit is 2"
+    assert (error.line, error.field, error.message) == (4, None, expected)
 
 
 # --- property tests: any input parses or raises InputError, nothing else -------------------------
@@ -292,14 +315,14 @@ ID_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")  
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
     max_leaves=10,
 )
 valid_lines = st.sampled_from([chat, completion, simple]).flatmap(
     lambda make: st.builds(make, st.text(ID_CHARS, min_size=1, max_size=6)))
 
 
-def parse_or_input_error(data: bytes, **overrides: Any) -> list[ParsedItem] | None:
+def parse_or_input_error(data: bytes | str, **overrides: Any) -> list[ParsedItem] | None:
     try:
         items = parse(data, **overrides)
     except InputError as error:
@@ -331,16 +354,17 @@ def test_mutated_valid_files(lines: list[dict[str, Any]], data: st.DataObject) -
     text = jsonl(*lines).encode()
     for _ in range(data.draw(st.integers(0, 4))):
         text = data.draw(st.sampled_from([flip_byte, truncate, duplicate_line, insert_bytes]))(text, data)
-    parse_or_input_error(text, max_line_bytes=data.draw(st.integers(1, 400)), max_items=data.draw(st.integers(1, 6)))
+    limits = {"max_line_bytes": data.draw(st.integers(1, 400)), "max_items": data.draw(st.integers(1, 6))}
+    parse_or_input_error(text, **limits)
 
 
 @FUZZ
 @given(st.lists(valid_lines, min_size=1, max_size=5))
 def test_valid_files_parse(lines: list[dict[str, Any]]) -> None:
     ids = [line["custom_id"] for line in lines]
-    formats = {"text" in line for line in lines}
+    kinds = {line.get("url") for line in lines}  # simple lines have none
     items = parse_or_input_error(jsonl(*lines).encode())
-    if len(set(ids)) == len(ids) and len(formats) == 1:
+    if len(set(ids)) == len(ids) and len(kinds) == 1:
         assert items is not None and [i.custom_id for i in items] == ids
 
 
@@ -414,7 +438,8 @@ def test_output_line_has_exactly_one_outcome() -> None:
 @given(st.text(st.characters(exclude_categories=["Cs"])), st.text(st.characters(exclude_categories=["Cs"])),
        st.sampled_from([CHAT_URL, COMPLETIONS_URL]), st.sampled_from(["stop", "length"]),
        st.integers(0, 10**6), st.integers(0, 10**6))
-def test_output_lines_round_trip_any_text(custom_id: str, text: str, url: str, finish: Any, p: int, c: int) -> None:
+def test_output_lines_round_trip_any_text(custom_id: str, text: str, url: str, finish: Any, p: int,
+                                          c: int) -> None:
     for line in (success_line(custom_id, "r", SERVED, url, text, finish, p, c, created=1),
                  error_line(custom_id, "engine_error", text)):
         assert OutputLine.model_validate_json(line.model_dump_json()) == line
