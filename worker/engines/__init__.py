@@ -1,0 +1,123 @@
+"""Choosing and loading an engine, plus the prompt rules every engine shares.
+
+Engines are imported lazily: the base install may have transformers but not vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from schema.errors import EngineError, ModelError
+from schema.jobs import GenerationRequest, GenerationResult
+from schema.settings import Settings, get_settings
+from worker.engines.base import Engine
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "admit",
+    "context_error",
+    "failed_result",
+    "load_engine",
+    "pick_engine",
+    "prompt_token_ids",
+]
+
+ENGINES = ("vllm", "transformers")
+
+logger = logging.getLogger(__name__)
+
+
+def pick_engine(engine: str = "auto") -> str:
+    """The engine name to use: "auto" means vLLM when it is installed, else transformers."""
+    if engine == "auto":
+        return "vllm" if _vllm_imports() else "transformers"
+    if engine not in ENGINES:
+        raise EngineError(f"unknown engine '{engine}'; choose auto, {', '.join(ENGINES)}")
+    return engine
+
+
+def _vllm_imports() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    except (RuntimeError, OSError) as exc:  # installed but broken (a mismatched torch, a missing .so)
+        logger.warning("vllm is installed but fails to import (%s); using transformers", exc)
+        return False
+    return True
+
+
+def load_engine(model: str, engine: str = "auto", settings: Settings | None = None) -> Engine:
+    """Load `model` (registry name, HF folder or .gguf path) into the chosen engine; slow, do it once."""
+    settings = settings or get_settings()
+    chosen = pick_engine(engine)
+    try:
+        if chosen == "vllm":
+            from worker.engines.vllm_engine import VLLMEngine
+
+            return VLLMEngine(model, settings=settings)
+        from worker.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(model, settings=settings)
+    except ImportError as exc:
+        raise EngineError(f"engine '{chosen}' is not installed: {exc}") from exc
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
+    """The exact token ids a request runs with: chat messages through the chat template, a raw
+    prompt as is. Both engines use this, so they see the same tokens and count them the same way."""
+    if request.messages:
+        if not tokenizer.chat_template:
+            raise ModelError("the model has no chat template; send `prompt` instead of `messages`")
+        messages: list[dict[str, Any]] = [m.model_dump() for m in request.messages]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    elif request.prompt:
+        ids = tokenizer(request.prompt)["input_ids"]
+    else:
+        raise ModelError("the request has neither `messages` nor a non-empty `prompt`")
+    return list(ids)
+
+
+def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:
+    """Why a request cannot fit the context, or None when it fits."""
+    if prompt_tokens >= max_model_len:
+        return f"prompt is {prompt_tokens} tokens; the model's context is {max_model_len}"
+    if prompt_tokens + max_tokens > max_model_len:
+        return (
+            f"prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}; "
+            f"the model's context is {max_model_len}"
+        )
+    return None
+
+
+def failed_result(error: str, prompt_tokens: int = 0) -> GenerationResult:
+    """The result of a request that could not run; the rest of its batch still does."""
+    return GenerationResult(finish_reason="error", error=error, prompt_tokens=prompt_tokens)
+
+
+def admit(
+    tokenizer: PreTrainedTokenizerBase, requests: list[GenerationRequest], max_model_len: int
+) -> tuple[list[GenerationResult | None], list[tuple[int, list[int]]]]:
+    """Tokenize every request. Returns one slot per request, already filled with the failure of those
+    that cannot run, and the (index, token ids) of those that can."""
+    results: list[GenerationResult | None] = [None] * len(requests)
+    runnable: list[tuple[int, list[int]]] = []
+    for index, request in enumerate(requests):
+        try:
+            ids = prompt_token_ids(tokenizer, request)
+        except ModelError as exc:
+            results[index] = failed_result(str(exc))
+            continue
+        error = context_error(len(ids), request.sampling.max_tokens, max_model_len)
+        if error:
+            results[index] = failed_result(error, len(ids))
+        else:
+            runnable.append((index, ids))
+    return results, runnable

@@ -1,0 +1,183 @@
+"""The Hugging Face transformers engine: batched `generate`, for machines without vLLM."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from schema.errors import EngineError, ModelError
+from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
+from schema.settings import Settings, get_settings
+from worker.engines import admit, failed_result
+from worker.models import ModelSource, resolve_model
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class _Item:
+    index: int  # position in the caller's request list
+    ids: list[int]
+
+
+class TransformersEngine:
+    """Runs requests with `model.generate`, batching those that share sampling parameters."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        settings: Settings | None = None,
+        max_model_len: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        settings = settings or get_settings()
+        self.model_name = model
+        self.batch_size = batch_size
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # bf16 as in vLLM: ~1.7x the float32 speed on an AVX-512-BF16 CPU, and the same greedy answers.
+        self._model: PreTrainedModel | None
+        self._tokenizer, self._model = _load(resolve_model(model), dtype, self.device)
+        context = getattr(self._model.config, "max_position_embeddings", None) or 10**9
+        self.max_model_len = min(max_model_len or settings.max_model_len, context)
+        self._eos_ids = _eos_ids(self._model, self._tokenizer)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        self._require_model()
+        results, runnable = admit(self._tokenizer, requests, self.max_model_len)
+        # Only requests with identical sampling parameters can share one generate() call.
+        groups: dict[str, tuple[SamplingParams, list[_Item]]] = {}
+        for index, ids in runnable:
+            sampling = requests[index].sampling
+            groups.setdefault(sampling.model_dump_json(), (sampling, []))[1].append(_Item(index, ids))
+        for sampling, items in groups.values():
+            for index, result in self._run_group(sampling, items):
+                results[index] = result
+        return [r if r is not None else failed_result("not run") for r in results]
+
+    def close(self) -> None:
+        self._model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _require_model(self) -> PreTrainedModel:
+        if self._model is None:
+            raise EngineError("the transformers engine is closed")
+        return self._model
+
+    def _run_group(
+        self, sampling: SamplingParams, items: list[_Item]
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        # Similar lengths together: less padding per sub-batch.
+        ordered = sorted(items, key=lambda item: len(item.ids))
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start : start + self.batch_size]
+            for item, result in zip(batch, self._run_batch(sampling, batch)):
+                yield item.index, result
+
+    def _run_batch(self, sampling: SamplingParams, items: list[_Item]) -> list[GenerationResult]:
+        inputs = self._tokenizer.pad({"input_ids": [item.ids for item in items]}, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        model: Any = self._require_model()  # mypy resolves `generate` through nn.Module.__getattr__
+        with torch.inference_mode():
+            output = model.generate(**inputs, **self._generate_kwargs(sampling))
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        return [self._result(item, tokens, sampling) for item, tokens in zip(items, new_tokens)]
+
+    def _generate_kwargs(self, sampling: SamplingParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_tokens,
+            "eos_token_id": sorted(self._eos_ids),
+            "pad_token_id": self._tokenizer.pad_token_id,
+        }
+        if sampling.temperature > 0:
+            # top_k=0 turns off transformers' default top-k 50, as in vLLM and the OpenAI API.
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        stops = [stop for stop in sampling.stop or [] if stop]
+        if stops:
+            # Stops each sequence early; the exact cut is made in _result.
+            kwargs.update(stop_strings=stops, tokenizer=self._tokenizer)
+        return kwargs
+
+    def _result(self, item: _Item, tokens: list[int], sampling: SamplingParams) -> GenerationResult:
+        tokens, hit_eos = self._until_eos(tokens)
+        text = self._decode(tokens)
+        cut = _first_stop(text, sampling.stop)
+        if cut is not None:
+            tokens = tokens[: self._tokens_until_stop(tokens, sampling.stop or [])]
+            text = text[:cut]
+        finished = hit_eos or cut is not None or len(tokens) < sampling.max_tokens
+        return GenerationResult(
+            text=text,
+            finish_reason="stop" if finished else "length",
+            prompt_tokens=len(item.ids),
+            completion_tokens=len(tokens),
+        )
+
+    def _until_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """Tokens up to and including the first EOS (counted, as vLLM does); padding dropped."""
+        for position, token in enumerate(tokens):
+            if token in self._eos_ids:
+                return tokens[: position + 1], True
+        pad = self._tokenizer.pad_token_id
+        while tokens and tokens[-1] == pad:  # a sequence that stopped on a stop string, then padded
+            tokens = tokens[:-1]
+        return tokens, False
+
+    def _tokens_until_stop(self, tokens: list[int], stops: list[str]) -> int:
+        """The fewest leading tokens whose text contains a stop string (binary search: it only grows)."""
+        low, high = 1, len(tokens)
+        while low < high:
+            middle = (low + high) // 2
+            if _first_stop(self._decode(tokens[:middle]), stops) is None:
+                low = middle + 1
+            else:
+                high = middle
+        return high
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def _load(
+    source: ModelSource, dtype: torch.dtype, device: torch.device
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model '{source.name}': {exc}") from exc
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
+    return tokenizer, model.eval()
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    ids.discard(None)
+    if not ids:
+        raise ModelError("the model defines no end-of-sequence token")
+    return ids  # type: ignore[return-value]
+
+
+def _first_stop(text: str, stops: list[str] | None) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
+    found = [position for stop in stops or [] if stop and (position := text.find(stop)) >= 0]
+    return min(found) if found else None
