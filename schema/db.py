@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATION_LOCK_KEY = 0x67726973  # any constant; "gris"
 
 
 def utcnow() -> datetime:
@@ -54,8 +58,31 @@ def get_sessionmaker(url: str) -> sessionmaker:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database to the latest schema (Alembic); a no-op when it is already there."""
+    """Bring the database to the latest schema (Alembic); a no-op when it is already there.
+
+    Workers and producers may start at the same moment on a new database: a lock makes the second
+    wait for the first instead of both creating the same tables.
+    """
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection_url"] = url
-    command.upgrade(cfg, revision)
+    with _migration_lock(url):
+        command.upgrade(cfg, revision)
+
+
+@contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    engine = get_engine(url)
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        with open(f"{engine.url.database}.migrate-lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+    else:
+        yield

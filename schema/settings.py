@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER = "filesystem://"
@@ -24,11 +24,22 @@ class Settings(BaseSettings):
     home: Path = Path(".gristmill")  # embedded broker folder lives here
     cache_dir: Path = Path.home() / ".cache" / "gristmill"  # prepared models
     chunk_size: int = Field(default=64, ge=1)
+    inflight_chunks: int = Field(default=0, ge=0)  # chunks a worker runs at once; 0: from the engine's capacity
     max_model_len: int = Field(default=2048, ge=64)
     max_line_bytes: int = Field(default=1_000_000, ge=1)
     max_items_per_batch: int = Field(default=100_000, ge=1)
     visibility_timeout_s: int = Field(default=3600, ge=60)
     chunk_time_limit_s: int = Field(default=1800, ge=10)
+
+    @model_validator(mode="after")
+    def _chunks_end_before_redelivery(self) -> Settings:
+        # A chunk still running when the visibility timeout passes would be delivered a second time.
+        if self.chunk_time_limit_s * 2 > self.visibility_timeout_s:
+            raise ValueError(
+                f"GRISTMILL_CHUNK_TIME_LIMIT_S ({self.chunk_time_limit_s}) must be at most half of "
+                f"GRISTMILL_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})"
+            )
+        return self
 
     @property
     def broker_folder(self) -> Path:

@@ -15,6 +15,7 @@ from schema.jobs import SamplingParams
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Item, Result
 from worker import executor
+from worker.engine_loop import EngineLoop
 from worker.engines import load_engine
 from worker.runtime import Runtime
 
@@ -22,7 +23,9 @@ from worker.runtime import Runtime
 @pytest.fixture(scope="module")
 def engine():  # type: ignore[no-untyped-def]
     loaded = load_engine("smollm2-135m-instruct", "transformers")
-    yield loaded
+    loop = EngineLoop(loaded)
+    yield loaded, loop
+    loop.close()
     loaded.close()
 
 
@@ -43,7 +46,7 @@ def result_count(url: str) -> int:
 def test_chunk_delivered_twice(db_url: str, settings_for, tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(db_url)
     batch_id, ids = submit_docs(settings, tmp_path)
-    runtime = Runtime(settings=settings, engine=engine)
+    runtime = Runtime(settings, *engine)
     first = executor.run_chunk(runtime, batch_id, ids)
     second = executor.run_chunk(runtime, batch_id, ids)
     assert first == {"claimed": 6, "succeeded": 6, "failed": 0}
@@ -56,7 +59,7 @@ def test_chunk_delivered_twice(db_url: str, settings_for, tmp_path: Path, engine
 def test_chunk_delivered_twice_concurrently(db_url: str, settings_for, tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(db_url)
     batch_id, ids = submit_docs(settings, tmp_path)
-    runtime = Runtime(settings=settings, engine=engine)
+    runtime = Runtime(settings, *engine)
     outcomes: list[dict[str, int]] = []
     threads = [threading.Thread(target=lambda: outcomes.append(executor.run_chunk(runtime, batch_id, ids)))
                for _ in range(2)]
@@ -77,7 +80,7 @@ def test_redelivery_after_a_dead_worker(db_url: str, settings_for, tmp_path: Pat
         session.execute(update(Item).where(Item.id.in_(ids[:3])).values(
             status=ItemStatus.running, attempts=1, lease_expires_at=utcnow()))
         session.commit()
-    runtime = Runtime(settings=settings, engine=engine)
+    runtime = Runtime(settings, *engine)
     assert executor.run_chunk(runtime, batch_id, ids)["claimed"] == 6
     with get_sessionmaker(db_url)() as session:
         attempts = dict(session.execute(select(Item.id, Item.attempts).where(Item.batch_id == batch_id)).all())

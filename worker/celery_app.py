@@ -51,7 +51,6 @@ def configure(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,  # a killed worker's chunk goes back to the queue
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_time_limit=settings.chunk_time_limit_s,  # bounded far below the visibility timeout
         task_default_queue=queue_for(settings.model),
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

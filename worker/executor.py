@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from schema.db import utcnow
+from schema.errors import EngineError
 from schema.jobs import GenerationRequest
 from worker import store
 from worker.runtime import Runtime, sessions
@@ -37,7 +38,12 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
 def _generate(runtime: Runtime, claimed: list[store.Claimed]):  # type: ignore[no-untyped-def]
     requests = [GenerationRequest.model_validate(c.request) for c in claimed]
     started = utcnow()
-    results = runtime.engine.generate(requests)
+    future = runtime.loop.submit(requests)
+    try:
+        results = future.result(timeout=runtime.settings.chunk_time_limit_s)
+    except TimeoutError as exc:  # bounded well below the broker's visibility timeout
+        runtime.loop.cancel(future)
+        raise EngineError(f"chunk exceeded its {runtime.settings.chunk_time_limit_s} s time limit") from exc
     finished = utcnow()
     outcomes = [
         store.Outcome(item=c, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from schema.db import get_sessionmaker, upgrade
 from schema.errors import EngineError
 from schema.settings import Settings
+from worker.engine_loop import EngineLoop
 from worker.engines import load_engine
 from worker.engines.base import Engine
 
@@ -17,20 +20,31 @@ from worker.engines.base import Engine
 class Runtime:
     settings: Settings
     engine: Engine
+    loop: EngineLoop  # the only thread that touches the engine
     host: str = field(default_factory=socket.gethostname)
     engine_start_s: float = 0.0
+
+    @property
+    def inflight_chunks(self) -> int:
+        """Chunks run at once: by default enough that the engine always has a full batch waiting."""
+        if self.settings.inflight_chunks:
+            return self.settings.inflight_chunks
+        return max(2, math.ceil(self.engine.max_num_seqs / self.settings.chunk_size) + 1)
 
 
 _current: Runtime | None = None
 
 
-def start(settings: Settings, model: str | None = None, engine: str | None = None) -> Runtime:
+def start(settings: Settings, model: str | None = None, engine: str | None = None,
+          on_engine_failure: Callable[[], None] | None = None) -> Runtime:
     """Prepare the database and load the engine; every task in this process then uses them."""
     global _current
     upgrade(settings.database_url)
     began = time.perf_counter()
     loaded = load_engine(model or settings.model, engine or settings.engine, settings)
-    _current = Runtime(settings=settings, engine=loaded, engine_start_s=time.perf_counter() - began)
+    started_s = time.perf_counter() - began
+    _current = Runtime(settings=settings, engine=loaded, loop=EngineLoop(loaded, on_engine_failure),
+                       engine_start_s=started_s)
     return _current
 
 
@@ -43,6 +57,7 @@ def current() -> Runtime:
 def stop() -> None:
     global _current
     if _current is not None:
+        _current.loop.close()
         _current.engine.close()
         _current = None
 

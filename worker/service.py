@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from schema.errors import EngineError
 from schema.settings import Settings
 from worker import runtime
 from worker.celery_app import configure, queue_for
@@ -20,15 +21,17 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
           loglevel: str = "INFO", stop_when: Callable[[], bool] | None = None) -> runtime.Runtime:
     """Load the engine, then consume this model's queue until SIGTERM/SIGINT (or `stop_when()` is true).
 
-    The pool is `solo`: tasks run in this process, next to the engine, and vLLM may start its own
-    engine process (a prefork child is a daemon and cannot).
+    The pool is `threads`: tasks run in this process next to the engine (vLLM may start its engine
+    process; a prefork child is a daemon and cannot), several chunks at once, all fed to the one
+    engine loop so it never drains between chunks.
     """
     model = model or settings.model
-    rt = runtime.start(settings, model, engine)
-    log.info("engine %s loaded %s in %.1f s", rt.engine.name, model, rt.engine_start_s)
+    rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down)
+    log.info("engine %s loaded %s in %.1f s; %d chunks in flight", rt.engine.name, model,
+             rt.engine_start_s, rt.inflight_chunks)
     app = configure(settings.model_copy(update={"model": model}))
     worker = app.Worker(
-        pool="solo", concurrency=1, queues=[queue_for(model)], loglevel=loglevel,
+        pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model)], loglevel=loglevel,
         hostname=f"gristmill-{os.getpid()}@{socket.gethostname()}",
         without_mingle=True, without_gossip=True,
     )
@@ -36,9 +39,16 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
         threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()
     try:
         worker.start()
+        if not rt.loop.alive:  # exit non-zero so a supervisor restarts the worker with a fresh engine
+            raise EngineError("the engine failed; in-flight chunks went back to the queue")
     finally:
         runtime.stop()
     return rt
+
+
+def _shut_down() -> None:
+    """Warm shutdown, the same path as SIGTERM: running chunks hand their items back and retry."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _stop_when(condition: Callable[[], bool], poll_s: float = 0.5) -> None:
@@ -46,5 +56,5 @@ def _stop_when(condition: Callable[[], bool], poll_s: float = 0.5) -> None:
     stop = threading.Event()
     while not stop.wait(poll_s):
         if condition():
-            os.kill(os.getpid(), signal.SIGTERM)
+            _shut_down()
             return

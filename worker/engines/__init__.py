@@ -68,6 +68,23 @@ def load_engine(model: str, engine: str = "auto", settings: Settings | None = No
         raise EngineError(f"engine '{chosen}' is not installed: {exc}") from exc
 
 
+def run_to_completion(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Add every request, step until all finished; results in request order."""
+    results: list[GenerationResult | None] = [None] * len(requests)
+    slots: dict[str, int] = {}
+    for index, request in enumerate(requests):
+        added = engine.add(request)
+        if isinstance(added, str):
+            slots[added] = index
+        else:
+            results[index] = added
+    while slots:
+        for key, result in engine.step():
+            if key in slots:
+                results[slots.pop(key)] = result
+    return [r if r is not None else failed_result("not run") for r in results]
+
+
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
     """The exact token ids a request runs with: chat messages through the chat template, a raw
     prompt as is. Both engines use this, so they see the same tokens and count them the same way."""

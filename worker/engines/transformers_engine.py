@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,9 @@ class TransformersEngine:
         context = getattr(self._model.config, "max_position_embeddings", None) or 10**9
         self.max_model_len = min(max_model_len or settings.max_model_len, context)
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        self.max_num_seqs = batch_size
+        self._keys = itertools.count()
+        self._pending: dict[str, tuple[SamplingParams, list[int]]] = {}  # key -> (sampling, prompt ids)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         self._require_model()
@@ -62,6 +66,33 @@ class TransformersEngine:
             for index, result in self._run_group(sampling, items):
                 results[index] = result
         return [r if r is not None else failed_result("not run") for r in results]
+
+    def add(self, request: GenerationRequest) -> str | GenerationResult:
+        """Queue one request for the next step; requests that share sampling parameters run together."""
+        self._require_model()
+        (failure,), runnable = admit(self._tokenizer, [request], self.max_model_len)
+        if failure is not None:
+            return failure
+        key = str(next(self._keys))
+        self._pending[key] = (request.sampling, runnable[0][1])
+        return key
+
+    def step(self) -> list[tuple[str, GenerationResult]]:
+        """Run one sub-batch: the oldest request's sampling group, up to `batch_size` requests."""
+        if not self._pending:
+            return []
+        sampling = next(iter(self._pending.values()))[0]
+        keys = [k for k, (s, _) in self._pending.items() if s == sampling][: self.batch_size]
+        items = [_Item(index, self._pending.pop(key)[1]) for index, key in enumerate(keys)]
+        keys_by_index = dict(enumerate(keys))
+        return [(keys_by_index[index], result) for index, result in self._run_group(sampling, items)]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending)
+
+    def abort(self, keys: list[str]) -> None:
+        for key in keys:
+            self._pending.pop(key, None)
 
     def close(self) -> None:
         self._model = None

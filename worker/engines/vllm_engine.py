@@ -1,4 +1,4 @@
-"""The vLLM engine: one `LLM.generate` call per list of requests, on the CPU build or a GPU.
+"""The vLLM engine, stepped request by request so that chunks can share its continuous batching.
 
 vLLM starts its EngineCore in a spawned child process: build this engine under
 `if __name__ == "__main__":` in scripts, and never inside a daemonic process (Celery prefork children).
@@ -7,6 +7,7 @@ vLLM starts its EngineCore in a spawned child process: build this engine under
 from __future__ import annotations
 
 import gc
+import itertools
 import multiprocessing
 import os
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from transformers import AutoTokenizer
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.settings import Settings, get_settings
-from worker.engines import admit, failed_result
+from worker.engines import admit, failed_result, run_to_completion
 from worker.models import prepare_for_vllm, resolve_model
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
 class VLLMEngine:
-    """Runs all requests in one `LLM.generate` call with per-request sampling parameters."""
+    """vLLM's engine driven through add/step, with per-request sampling parameters."""
 
     name = "vllm"
 
@@ -52,6 +53,8 @@ class VLLMEngine:
         folder = prepare_for_vllm(resolve_model(model), settings.cache_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(folder)
         self._llm: vllm.LLM | None = self._start(str(folder))
+        self._keys = itertools.count()
+        self.max_num_seqs = int(self._llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
     def _start(self, folder: str) -> vllm.LLM:
         import vllm
@@ -72,21 +75,38 @@ class VLLMEngine:
             raise EngineError(f"vLLM failed to start with model '{self.model_name}': {exc}") from exc
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run a list of requests to completion (the engine loop does the same across chunks)."""
+        return run_to_completion(self, requests)
+
+    def add(self, request: GenerationRequest) -> str | GenerationResult:
+        """Queue one request in the engine; its key, or at once the failure of a request that cannot run."""
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         llm = self._require_llm()
-        # Over-long prompts are failed here: vLLM would reject the whole call for one of them.
-        results, runnable = admit(self._tokenizer, requests, self.max_model_len)
-        if runnable:
-            prompts = [TokensPrompt(prompt_token_ids=ids) for _, ids in runnable]
-            params = [_sampling_params(requests[index]) for index, _ in runnable]
-            try:
-                outputs = llm.generate(prompts, params, use_tqdm=False)
-            except (RuntimeError, ValueError) as exc:
-                raise EngineError(f"vLLM generate failed: {exc}") from exc
-            for (index, _), output in zip(runnable, outputs):
-                results[index] = _result(output)
-        return [r if r is not None else failed_result("not run") for r in results]
+        # Over-long prompts are failed here: vLLM would raise for them.
+        (failure,), runnable = admit(self._tokenizer, [request], self.max_model_len)
+        if failure is not None:
+            return failure
+        params = _sampling_params(request)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # we only want finished sequences
+        key = str(next(self._keys))
+        try:
+            llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=runnable[0][1]), params)
+        except (RuntimeError, ValueError) as exc:
+            return failed_result(f"vLLM refused the request: {exc}")
+        return key
+
+    def step(self) -> list[tuple[str, GenerationResult]]:
+        """One engine step: every queued sequence advances; the finished ones come back."""
+        outputs = self._require_llm().llm_engine.step()
+        return [(output.request_id, _result(output)) for output in outputs if output.finished]
+
+    def has_unfinished(self) -> bool:
+        return self._require_llm().llm_engine.has_unfinished_requests()
+
+    def abort(self, keys: list[str]) -> None:
+        self._require_llm().llm_engine.abort_request(keys)
 
     def close(self) -> None:
         """Stop the EngineCore child process; `LLM` itself has no shutdown method in vLLM 0.32."""

@@ -1,0 +1,124 @@
+"""Keeps one engine busy across chunks: several chunks in flight, one thread driving the engine.
+
+Task threads hand their chunk to `EngineLoop.submit` and wait on the future while the driver thread
+feeds every pending request to the engine and steps it. With vLLM that is continuous batching across
+chunk boundaries: a chunk's slow tail decodes next to the next chunk's first tokens instead of
+leaving the engine idle. Results go back to the task threads, which write them to SQL while the
+engine keeps stepping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from schema.errors import EngineError
+from schema.jobs import GenerationRequest, GenerationResult
+from worker.engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submission:
+    requests: list[GenerationRequest]
+    future: Future[list[GenerationResult]] = field(default_factory=Future)
+    results: dict[int, GenerationResult] = field(default_factory=dict)
+
+    def settle(self, index: int, result: GenerationResult) -> None:
+        self.results[index] = result
+        if len(self.results) == len(self.requests) and not self.future.done():
+            self.future.set_result([self.results[i] for i in range(len(self.requests))])
+
+
+class EngineLoop:
+    """One driver thread per engine; any number of threads may submit chunks to it."""
+
+    def __init__(self, engine: Engine, on_failure: Callable[[], None] | None = None) -> None:
+        self.engine, self.on_failure = engine, on_failure
+        self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
+        self._owners: dict[str, tuple[_Submission, int]] = {}
+        self._closing = False
+        self._thread = threading.Thread(target=self._drive, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, requests: list[GenerationRequest]) -> Future[list[GenerationResult]]:
+        if not self.alive:
+            raise EngineError("the engine loop has stopped")
+        submission = _Submission(requests)
+        if not requests:
+            submission.future.set_result([])
+        else:
+            self._inbox.put(submission)
+        return submission.future
+
+    def cancel(self, future: Future[list[GenerationResult]]) -> None:
+        """Stop the requests of a submission whose caller gave up on it (time limit, shutdown)."""
+        self._inbox.put(None)  # wake the driver; it drops owners whose future is done
+        future.cancel()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._closing = True
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _drive(self) -> None:
+        try:
+            while not self._closing:
+                self._take(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    for key, result in self.engine.step():
+                        owner = self._owners.pop(key, None)
+                        if owner:
+                            owner[0].settle(owner[1], result)
+        except Exception as exc:  # the engine died: every waiting chunk must hear it, not hang
+            log.exception("engine loop stopped")
+            self._fail_all(EngineError(f"engine failed: {type(exc).__name__}: {exc}"))
+            if self.on_failure:
+                self.on_failure()
+
+    def _take(self, block: bool) -> None:
+        """Move every waiting submission into the engine; wait for one only when the engine is idle."""
+        while True:
+            try:
+                submission = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if submission is None:
+                self._drop_abandoned()
+                continue
+            for index, request in enumerate(submission.requests):
+                added = self.engine.add(request)
+                if isinstance(added, str):
+                    self._owners[added] = (submission, index)
+                else:
+                    submission.settle(index, added)
+
+    def _drop_abandoned(self) -> None:
+        abandoned = [key for key, (sub, _) in self._owners.items() if sub.future.done()]
+        if abandoned:
+            self.engine.abort(abandoned)
+            for key in abandoned:
+                self._owners.pop(key)
+
+    def _fail_all(self, error: Exception) -> None:
+        for submission, _ in list(self._owners.values()):
+            if not submission.future.done():
+                submission.future.set_exception(error)
+        self._owners.clear()
+        while True:
+            try:
+                pending = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if pending is not None and not pending.future.done():
+                pending.future.set_exception(error)
