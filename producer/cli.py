@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from producer import api
@@ -40,10 +41,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="all in one, no servers: submit, run in this process, export")
     _job_flags(run)
     _export_flags(run)
-    run.add_argument("--engine", choices=["auto", "vllm", "transformers"])
+    run.add_argument("--engine", help="auto (default), vllm, transformers, or module:Class")
+    run.add_argument("--summary-json", help="also write the closing summary to this file, for scripts")
     worker = sub.add_parser("worker", help="a Celery worker with the engine loaded once")
     worker.add_argument("--model")
-    worker.add_argument("--engine", choices=["auto", "vllm", "transformers"])
+    worker.add_argument("--engine", help="auto (default), vllm, transformers, or module:Class")
     worker.add_argument("--loglevel", default="INFO")
     submit = sub.add_parser("submit", help="validate, store and enqueue a file; prints the batch id")
     _job_flags(submit)
@@ -114,6 +116,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     summary = handle.stats()
     wall = time.perf_counter() - started
     tps = summary["output_tokens_per_s"] or 0.0
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(
+            {**summary, "wall_s": wall, "engine_start_s": rt.engine_start_s, "engine": rt.engine.name}, indent=2))
     print(f"{info.status}: {summary['items']} items, {counts.succeeded} succeeded, {counts.failed} failed; "
           f"wall {wall:.1f} s (engine start {rt.engine_start_s:.1f} s); {summary['completion_tokens']} output "
           f"tokens, {tps:.1f} tokens/s; results in {args.output}", file=sys.stderr)

@@ -5,6 +5,7 @@ Engines are imported lazily: the base install may have transformers but not vLLM
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ def pick_engine(engine: str = "auto") -> str:
     """The engine name to use: "auto" means vLLM when it is installed, else transformers."""
     if engine == "auto":
         return "vllm" if _vllm_imports() else "transformers"
-    if engine not in ENGINES:
+    if engine not in ENGINES and ":" not in engine:
         raise EngineError(f"unknown engine '{engine}'; choose auto, {', '.join(ENGINES)}")
     return engine
 
@@ -61,10 +62,13 @@ def load_engine(model: str, engine: str = "auto", settings: Settings | None = No
             from worker.engines.vllm_engine import VLLMEngine
 
             return VLLMEngine(model, settings=settings)
+        if ":" in chosen:  # module:Class, an engine from outside this package (the benchmarks' null engine)
+            module, name = chosen.split(":", 1)
+            return getattr(importlib.import_module(module), name)(model, settings=settings)  # type: ignore[no-any-return]
         from worker.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(model, settings=settings)
-    except ImportError as exc:
+    except (ImportError, AttributeError) as exc:
         raise EngineError(f"engine '{chosen}' is not installed: {exc}") from exc
 
 

@@ -1,0 +1,35 @@
+"""Run (d), the naive pattern: one Celery task per document, each calling `generate` on one prompt.
+
+Started as its own worker (`celery -A bench.naive_celery worker -P solo`); the engine is loaded once at
+worker start, as a careful user would, so the only difference from gristmill is one prompt per call.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+BROKER = os.environ.get("NAIVE_BROKER_URL", "redis://127.0.0.1:6379/14")
+app = Celery("naive", broker=BROKER, backend=BROKER)
+app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
+                task_acks_late=True, worker_prefetch_multiplier=1)
+_engine: Any = None
+
+
+@signals.worker_init.connect
+def _load_engine(**_: Any) -> None:
+    global _engine
+    from worker.engines import load_engine
+
+    _engine = load_engine(os.environ.get("GRISTMILL_MODEL", "smollm2-135m-instruct"), "vllm")
+
+
+@app.task(name="naive.generate")
+def generate(messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    from schema.jobs import GenerationRequest, SamplingParams
+
+    request = GenerationRequest(messages=messages, sampling=SamplingParams(max_tokens=max_tokens))
+    result = _engine.generate([request])[0]
+    return {"text": result.text, "completion_tokens": result.completion_tokens}
