@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from producer import export, stats
 from producer.submit import create_batch
@@ -15,8 +15,8 @@ from schema.db import get_sessionmaker, upgrade, utcnow
 from schema.errors import BatchNotFound, BatchStateError
 from schema.jobs import SamplingParams
 from schema.settings import Settings, get_settings
-from schema.states import BatchStatus, ItemStatus
-from schema.tables import Batch, Item
+from schema.states import BatchStatus
+from schema.tables import Batch
 from worker import store
 
 
@@ -65,22 +65,15 @@ class BatchHandle:
 
     def cancel(self) -> BatchObject:
         """Stop queued items now; running ones finish and keep their results; ends `cancelled`."""
-        with self._sessions() as session:
+        with self._sessions() as session, session.begin():
             batch = session.get(Batch, self.id, with_for_update=True)
             if batch is None:
                 raise BatchNotFound(f"no batch with id {self.id!r}")
             if batch.status not in (BatchStatus.validating, BatchStatus.in_progress, BatchStatus.cancelling):
                 raise BatchStateError(f"batch {self.id} is {batch.status}; only a running batch can be cancelled")
-            now = utcnow()
-            batch.status, batch.cancelling_at = BatchStatus.cancelling, batch.cancelling_at or now
-            session.execute(
-                update(Item)
-                .where(Item.batch_id == self.id, Item.status == ItemStatus.queued)
-                .values(status=ItemStatus.cancelled, finished_at=now, last_error="batch cancelled")
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-            store.refresh_batch(session, self.id)
+            batch.status, batch.cancelling_at = BatchStatus.cancelling, batch.cancelling_at or utcnow()
+            store.cancel_queued(session, self.id)
+            store.close_if_done(session, self.id)
         return self.status()
 
 

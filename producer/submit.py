@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
 
 from schema.db import get_sessionmaker, upgrade, utcnow
 from schema.errors import BrokerError
@@ -54,14 +56,22 @@ def _store(settings: Settings, batch_id: str, input_file: str, model: str, sampl
         id=batch_id, kind="generate", endpoint=items[0].endpoint, model=model,
         params={"sampling": sampling.model_dump(), "system_prompt": system_prompt},
         status=BatchStatus.in_progress, input_file=input_file, metadata_=metadata, errors=[],
-        total=len(items), succeeded=0, failed=sum(1 for i in items if i.error),
+        total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
         created_at=now, in_progress_at=now,
     )
+    rows = (_item_row(batch_id, item, now) for item in items)
     with get_sessionmaker(settings.database_url)() as session, session.begin():
         session.add(batch)
         session.flush()
-        for rows in _batched((_item_row(batch_id, item, now) for item in items), INSERT_ROWS_PER_STATEMENT):
-            session.execute(insert(Item), rows)  # executemany: a few round trips, not one per item
+        if session.get_bind().dialect.name == "postgresql":
+            _copy_items(session, rows)
+        else:
+            for chunk in _batched(rows, INSERT_ROWS_PER_STATEMENT):
+                session.execute(insert(Item), chunk)  # executemany: a few statements, not one per item
+
+
+ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",
+                "attempts", "enqueued_at", "finished_at")
 
 
 def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
@@ -72,6 +82,15 @@ def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
         "last_error": item.error, "attempts": 0, "enqueued_at": now,
         "finished_at": now if item.error else None,
     }
+
+
+def _copy_items(session: Session, rows: Iterator[dict[str, Any]]) -> None:
+    """PostgreSQL's COPY: the fastest way in, in the same transaction as the batch row."""
+    raw = session.connection().connection.driver_connection
+    with raw.cursor() as cursor, cursor.copy(f"COPY items ({', '.join(ITEM_COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            row["request"], row["body"] = json.dumps(row["request"]), json.dumps(row["body"])
+            copy.write_row([row[column] for column in ITEM_COLUMNS])
 
 
 def _enqueue(settings: Settings, batch_id: str, model: str) -> None:
@@ -92,8 +111,8 @@ def _enqueue(settings: Settings, batch_id: str, model: str) -> None:
         _mark_failed(settings, batch_id, f"could not enqueue on {redact(settings.broker_url)}: {type(exc).__name__}")
         raise BrokerError(f"batch {batch_id} was stored but could not be enqueued on "
                           f"{redact(settings.broker_url)}: {type(exc).__name__}: {redact(str(exc))}") from exc
-    with make_session() as session:
-        store.refresh_batch(session, batch_id)  # a batch whose every line failed validation ends now
+    with make_session() as session, session.begin():
+        store.close_if_done(session, batch_id)  # a batch whose every line failed validation ends now
 
 
 def _mark_failed(settings: Settings, batch_id: str, message: str) -> None:

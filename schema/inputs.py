@@ -149,7 +149,7 @@ def _decode(raw: bytes, name: str, lineno: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InputError(name, lineno, None, f"not valid UTF-8 (bad byte at offset {exc.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise InputError(name, lineno, None, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
     except _BadConstant as exc:
@@ -160,9 +160,14 @@ def _decode(raw: bytes, name: str, lineno: int) -> dict[str, Any]:
         raise InputError(name, lineno, None, "not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise InputError(name, lineno, None, f"not a JSON object (found {_JSON_TYPES[type(obj)]})")
-    if problem := _storage_problem(obj):
+    if _may_not_store(raw) and (problem := _storage_problem(obj)):
         raise InputError(name, lineno, None, problem)
     return obj
+
+
+def _may_not_store(raw: bytes) -> bool:
+    """Cheap pre-check: NUL and surrogates only arrive as backslash-u escapes; deep nesting needs brackets."""
+    return b"\\u" in raw or raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH
 
 
 class _BadConstant(ValueError):
@@ -173,8 +178,15 @@ def _reject_constant(token: str) -> Any:
     raise _BadConstant(f"{token} is not a JSON number")  # Python's json takes NaN/Infinity; JSON does not
 
 
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):  # 1e999: stored, it would become Infinity
+        raise _BadConstant("a number is out of range")
+    return value
+
+
 def _storage_problem(value: Any) -> str | None:
-    """Why a decoded line cannot be stored as JSON in SQL (NUL, lone surrogates, infinities, depth)."""
+    """Why a decoded line cannot be stored as JSON in SQL (NUL, lone surrogates, depth)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
@@ -183,8 +195,6 @@ def _storage_problem(value: Any) -> str | None:
                 return "a string contains a NUL character (\\u0000), which cannot be stored"
             if not node.isascii() and not _encodable(node):
                 return "a string contains an unpaired surrogate escape (\\ud800-\\udfff)"
-        elif isinstance(node, float) and not math.isfinite(node):  # 1e999: stored, it would be Infinity
-            return "a number is out of range"
         elif isinstance(node, (dict, list)):
             if depth > _MAX_DEPTH:
                 return f"JSON is nested more than {_MAX_DEPTH} levels deep"
@@ -245,7 +255,7 @@ def _parse_simple(obj: dict[str, Any], lineno: int, job: _Job) -> ParsedItem:
                          "required field is missing (give 'custom_id' or 'id')")
     system = [ChatMessage(role="system", content=job.system_prompt)] if job.system_prompt else []
     messages = [*system, ChatMessage(role="user", content=line.text)]
-    request = GenerationRequest(messages=messages, sampling=job.defaults.model_copy(deep=True))
+    request = GenerationRequest(messages=messages, sampling=job.defaults)
     return ParsedItem(lineno, custom_id, CHAT_URL, request, obj)
 
 

@@ -16,9 +16,9 @@ class ChatMessage(BaseModel):
 
 
 class SamplingParams(BaseModel):
-    """Sampling parameters every engine honours."""
+    """Sampling parameters every engine honours. Frozen: one object is shared by every item of a job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
     max_tokens: int = Field(default=256, ge=1, le=32768)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import Boolean, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -37,6 +37,7 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     succeeded: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    cancelled: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
     in_progress_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finalizing_at: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -113,3 +114,20 @@ class EngineBatch(Base):
     engine_s: Mapped[float] = mapped_column(Float)
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
+
+
+class Classification(Base):
+    """A classification item's answer (its Result row holds the label as output_text, for generic tools)."""
+
+    __tablename__ = "classifications"
+
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    label: Mapped[str] = mapped_column(String(512))
+    labels: Mapped[list[str] | None] = mapped_column(Json)  # multi-label: those at or above the threshold
+    probabilities: Mapped[dict[str, float]] = mapped_column(Json)
+    raw_probabilities: Mapped[dict[str, float] | None] = mapped_column(Json)  # before calibration
+    method: Mapped[str] = mapped_column(String(16))  # score | choice | head
+    calibrated: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)

@@ -130,7 +130,7 @@ def test_bulk_insert_round_trips(pg_url: str, settings_for, tmp_path: Path) -> N
         elapsed = time.perf_counter() - began
     finally:
         event.remove(get_engine(pg_url), "before_cursor_execute", listener)
-    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT INTO ITEMS")]
-    assert 0 < len(inserts) <= 20, len(inserts)
+    # The items go in by one COPY (not seen by this hook) or a few multi-row INSERTs: never one per item.
+    assert len(statements) <= 30, len(statements)
     assert handle.status().request_counts.total == 10_000
     print(f"submitted 10,000 items to PostgreSQL in {elapsed:.2f} s")

@@ -1,22 +1,24 @@
-"""The worker's SQL writes: claim a chunk, record results idempotently, keep batch counts and state true.
+"""The SQL writes of running a batch: claim a chunk, record results idempotently, keep batch counts true.
 
 Every state change is conditional (`... WHERE status = 'running'`), results are upserted on the item's
-primary key, and batch counts are recomputed from the items: a redelivered or duplicate chunk can
-neither create a second result nor count an item twice.
+primary key, and a batch counter grows only by the items that this very statement moved: a
+redelivered or duplicate chunk can neither create a second result nor count an item twice.
+The caller owns the transaction (`with session.begin(): ...`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, case, or_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from schema.db import utcnow
+from schema.db import seconds_between, utcnow
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, EngineBatch, Item, Result
 
@@ -62,7 +64,6 @@ def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease
         .execution_options(synchronize_session=False)
     )
     rows = session.execute(stmt).all()
-    session.commit()
     return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
 
 
@@ -85,37 +86,49 @@ def _insert(session: Session):  # type: ignore[no-untyped-def]
 
 def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, engine: str, model: str,
                    engine_batch_id: int, started: datetime, finished: datetime) -> None:
-    """Upsert results and finish the items in one transaction; a repeat of the same chunk changes nothing."""
+    """Upsert results, finish the items and count them; a repeat of the same chunk changes nothing."""
     ok = [o for o in outcomes if o.error is None]
     if ok:
         rows = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
                  "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
                  "completion_tokens": o.completion_tokens, "created_at": finished} for o in ok]
-        session.execute(_insert(session)(Result).on_conflict_do_nothing(index_elements=["item_id"]), rows)
+        session.execute(_insert(session)(Result).values(rows).on_conflict_do_nothing(index_elements=["item_id"]))
     engine_s = (finished - started).total_seconds()
+    rows = {o.item.id: _outcome_row(o, started, engine_s) for o in outcomes}
+
+    def per_item(field: int):  # type: ignore[no-untyped-def]
+        return case({item_id: row[field] for item_id, row in rows.items()}, value=Item.id)
+
+    # One statement for the chunk (per-item values by CASE on the primary key); only items still
+    # running move, and RETURNING says which did.
     finish = (
-        update(Item.__table__)
-        .where(Item.__table__.c.id == bindparam("b_id"), Item.__table__.c.status == ItemStatus.running)
-        .values(status=bindparam("b_status"), last_error=bindparam("b_error"), finished_at=finished,
-                engine_s=engine_s, queue_wait_s=bindparam("b_wait"), tokens_per_s=bindparam("b_tps"),
-                engine=engine, model=model, engine_batch_id=engine_batch_id, lease_expires_at=None)
+        update(Item)
+        .where(Item.id.in_(list(rows)), Item.status == ItemStatus.running)
+        .values(status=per_item(0), last_error=per_item(1), queue_wait_s=per_item(2), tokens_per_s=per_item(3),
+                finished_at=finished, engine_s=engine_s, engine=engine, model=model,
+                engine_batch_id=engine_batch_id, lease_expires_at=None)
+        .returning(Item.status)
+        .execution_options(synchronize_session=False)
     )
-    session.execute(finish, [_finish_params(o, started, engine_s) for o in outcomes])
-    session.commit()
+    moved = Counter(session.scalars(finish))
+    count(session, batch_id, succeeded=moved.get(ItemStatus.succeeded, 0), failed=moved.get(ItemStatus.failed, 0))
 
 
-def _finish_params(o: Outcome, started: datetime, engine_s: float) -> dict[str, Any]:
-    wait = None
-    if o.item.enqueued_at is not None:
-        enq = o.item.enqueued_at if o.item.enqueued_at.tzinfo else o.item.enqueued_at.replace(tzinfo=started.tzinfo)
-        wait = max(0.0, (started - enq).total_seconds())
-    return {
-        "b_id": o.item.id,
-        "b_status": ItemStatus.failed if o.error else ItemStatus.succeeded,
-        "b_error": o.error,
-        "b_wait": wait,
-        "b_tps": o.completion_tokens / engine_s if engine_s > 0 and not o.error else None,
-    }
+def count(session: Session, batch_id: str, **moved: int) -> None:
+    """Add items that just reached a terminal state to the batch's counters (same transaction)."""
+    increments = {name: getattr(Batch, name) + n for name, n in moved.items() if n}
+    if increments:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(increments))
+
+
+def _outcome_row(o: Outcome, started: datetime, engine_s: float) -> tuple[Any, ...]:
+    wait = seconds_between(o.item.enqueued_at, started)
+    return (
+        ItemStatus.failed.value if o.error else ItemStatus.succeeded.value,
+        o.error,
+        None if wait is None else max(0.0, wait),
+        o.completion_tokens / engine_s if engine_s > 0 and not o.error else None,
+    )
 
 
 def release(session: Session, item_ids: list[int], error: str) -> None:
@@ -126,36 +139,38 @@ def release(session: Session, item_ids: list[int], error: str) -> None:
         .values(status=ItemStatus.queued, last_error=error, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
-    session.commit()
 
 
 def fail_open_items(session: Session, batch_id: str, item_ids: list[int], error: str) -> None:
-    session.execute(
+    failed = session.execute(
         update(Item)
         .where(Item.id.in_(item_ids), Item.batch_id == batch_id,
                Item.status.in_([ItemStatus.queued, ItemStatus.running]))
         .values(status=ItemStatus.failed, last_error=error, finished_at=utcnow(), lease_expires_at=None)
+        .returning(Item.id)
         .execution_options(synchronize_session=False)
-    )
-    session.commit()
+    ).all()
+    count(session, batch_id, failed=len(failed))
 
 
-def refresh_batch(session: Session, batch_id: str) -> str:
-    """Recompute the batch's counts from its items and move it on when nothing is left to run."""
-    counts = dict(session.execute(
-        select(Item.status, func.count()).where(Item.batch_id == batch_id).group_by(Item.status)
-    ).all())
-    batch = session.get(Batch, batch_id, with_for_update=True)
-    if batch is None:
-        return ""
-    batch.succeeded = counts.get(ItemStatus.succeeded, 0)
-    batch.failed = counts.get(ItemStatus.failed, 0)
-    open_items = counts.get(ItemStatus.queued, 0) + counts.get(ItemStatus.running, 0)
+def cancel_queued(session: Session, batch_id: str) -> None:
+    """Cancel every item not started yet; running items finish and keep their results."""
+    cancelled = session.execute(
+        update(Item)
+        .where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
+        .values(status=ItemStatus.cancelled, finished_at=utcnow(), last_error="batch cancelled")
+        .returning(Item.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    count(session, batch_id, cancelled=len(cancelled))
+
+
+def close_if_done(session: Session, batch_id: str) -> None:
+    """Move the batch on once every item has ended: `completed`, or `cancelled` if it was cancelling."""
     now = utcnow()
-    if batch.status == BatchStatus.in_progress and open_items == 0:
-        batch.finalizing_at = now  # results are already in SQL; finalizing is instantaneous
-        batch.status, batch.completed_at = BatchStatus.completed, now
-    elif batch.status == BatchStatus.cancelling and counts.get(ItemStatus.running, 0) == 0:
-        batch.status, batch.cancelled_at = BatchStatus.cancelled, now
-    session.commit()
-    return batch.status
+    ended = Batch.succeeded + Batch.failed + Batch.cancelled >= Batch.total
+    for status, values in (
+        (BatchStatus.in_progress, {"status": BatchStatus.completed, "finalizing_at": now, "completed_at": now}),
+        (BatchStatus.cancelling, {"status": BatchStatus.cancelled, "cancelled_at": now}),
+    ):
+        session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == status, ended).values(values))

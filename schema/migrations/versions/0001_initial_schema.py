@@ -32,6 +32,7 @@ def upgrade() -> None:
     sa.Column('total', sa.Integer(), nullable=False),
     sa.Column('succeeded', sa.Integer(), nullable=False),
     sa.Column('failed', sa.Integer(), nullable=False),
+    sa.Column('cancelled', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('in_progress_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finalizing_at', sa.DateTime(timezone=True), nullable=True),

@@ -1,0 +1,102 @@
+"""The pipeline's own cost: 100,000 items through Redis + PostgreSQL with an engine that does no inference.
+
+Reports items/s for submission (parse, validate, insert, enqueue) and for execution (first item started
+to last item finished, from SQL), and the worker's peak RSS and RSS growth over the run.
+    python -m bench.overhead [--items N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import func, select
+
+from bench.services import fresh_services, worker_process
+from producer import api
+from schema.db import get_sessionmaker, seconds_between
+from schema.tables import Item
+
+NULL_ENGINE = "bench.null_engine:NullEngine"
+
+
+class RssSampler(threading.Thread):
+    """Samples a process tree's resident memory every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process, self.samples, self.stopped = psutil.Process(pid), [], threading.Event()
+
+    def rss_mb(self) -> float:
+        procs = [self.process, *self.process.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs) / 2**20
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.05):
+            self.samples.append(self.rss_mb())
+
+
+def write_items(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(f'{{"id": "doc-{i}", "text": "Document number {i}: a short text to process."}}\n')
+    return path
+
+
+def measure(n: int, workdir: Path) -> dict[str, Any]:
+    with fresh_services(workdir, max_items_per_batch=max(n, 100_000)) as settings, \
+            worker_process(settings, NULL_ENGINE, workdir / "worker.log") as worker:
+        warmup = write_items(workdir / "warmup.jsonl", 1000)
+        api.submit(warmup, settings=settings).wait(timeout=300)  # tables, connections, code paths warm
+        sampler = RssSampler(worker.pid)
+        rss_start = sampler.rss_mb()
+        sampler.start()
+        path = write_items(workdir / "items.jsonl", n)
+        began = time.perf_counter()
+        handle = api.submit(path, settings=settings)
+        submit_s = time.perf_counter() - began
+        handle.wait(poll_s=0.1, timeout=3600)
+        sampler.stopped.set()
+        sampler.join()
+        rss_end = sampler.rss_mb()
+        with get_sessionmaker(settings.database_url)() as session:
+            first, last = session.execute(select(func.min(Item.started_at), func.max(Item.finished_at))
+                                          .where(Item.batch_id == handle.id)).one()
+        execute_s = seconds_between(first, last) or float("nan")
+        info = handle.status()
+    return {
+        "items": n, "succeeded": info.request_counts.completed, "submit_s": submit_s, "execute_s": execute_s,
+        "submit_items_per_s": n / submit_s, "execute_items_per_s": n / execute_s,
+        "worker_rss_start_mb": rss_start, "worker_rss_peak_mb": max(sampler.samples, default=rss_end),
+        "worker_rss_end_mb": rss_end, "worker_rss_growth_mb": rss_end - rss_start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gristmill-overhead-") as tmp:
+        report = measure(args.items, Path(tmp))
+    targets = {"submit_items_per_s": 50_000, "execute_items_per_s": 10_000}
+    print(f"\n{'metric':<24} {'value':>12} {'target':>10}")
+    for key in ("submit_items_per_s", "execute_items_per_s"):
+        print(f"{key:<24} {report[key]:>12.0f} {'>= ' + str(targets[key]):>10}")
+    print(f"{'worker_rss_peak_mb':<24} {report['worker_rss_peak_mb']:>12.1f}")
+    print(f"{'worker_rss_growth_mb':<24} {report['worker_rss_growth_mb']:>12.1f} {'<= 50':>10}")
+    print(f"succeeded {report['succeeded']}/{report['items']}", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
