@@ -79,11 +79,11 @@ class BatchHandle:
 
 def submit(input_path: str | Path, *, model: str | None = None, sampling: SamplingParams | None = None,
            system_prompt: str | None = None, metadata: dict[str, Any] | None = None,
-           settings: Settings | None = None) -> BatchHandle:
+           completion_window: str = "24h", settings: Settings | None = None) -> BatchHandle:
     """Validate, store and enqueue a batch file. Raises InputError (nothing written) on a bad file."""
     settings = settings or get_settings()
     batch_id = create_batch(input_path, settings, model=model, sampling=sampling,
-                            system_prompt=system_prompt, metadata=metadata)
+                            system_prompt=system_prompt, metadata=metadata, completion_window=completion_window)
     return BatchHandle(batch_id, settings)
 
 

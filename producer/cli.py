@@ -27,6 +27,7 @@ def _job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--system", help="system prompt for simple JSONL lines")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--completion-window", default="24h", help="the batch expires after this long (e.g. 24h, 90m)")
 
 
 def _export_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -66,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="model cache").add_subparsers(dest="action", required=True)
     prepare = models.add_parser("prepare", help="convert a model once into the local cache")
     prepare.add_argument("name", nargs="?")
+    sub.add_parser("reconcile", help="requeue what SQL says should run but no message carries; expire batches")
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations")
     return root
@@ -85,7 +87,8 @@ def _metadata(pairs: list[str]) -> dict[str, str]:
 
 def _submit(args: argparse.Namespace, settings: Settings) -> api.BatchHandle:
     return api.submit(args.input, model=args.model, sampling=_sampling(args), system_prompt=args.system,
-                      metadata=_metadata(args.metadata), settings=settings)
+                      metadata=_metadata(args.metadata), completion_window=args.completion_window,
+                      settings=settings)
 
 
 def _wait(handle: api.BatchHandle) -> Any:
@@ -198,6 +201,15 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.reconciler import reconcile
+
+    report = reconcile(settings)
+    print(f"{len(report.expired_batches)} batches expired, {report.leases_expired} dead leases returned, "
+          f"{report.requeued} items requeued", file=sys.stderr)
+    return 0
+
+
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     from schema.db import upgrade
 
@@ -207,7 +219,8 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
-            "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "models": cmd_models, "db": cmd_db}
+            "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "models": cmd_models, "db": cmd_db,
+            "reconcile": cmd_reconcile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 import uuid
-from itertools import islice
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
@@ -14,12 +15,12 @@ from sqlalchemy.orm import Session
 from schema.db import get_sessionmaker, upgrade, utcnow
 from schema.errors import BrokerError
 from schema.inputs import ParsedItem, parse_input
-from schema.jobs import SamplingParams
+from schema.jobs import SamplingParams, parse_window
 from schema.settings import Settings, redact
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item
 from worker import store
-from worker.celery_app import RUN_CHUNK, broker_options, configure, queue_for
+from worker.dispatch import batched, send_chunks
 
 INSERT_ROWS_PER_STATEMENT = 5000
 
@@ -36,27 +37,30 @@ def create_batch(
     sampling: SamplingParams | None = None,
     system_prompt: str | None = None,
     metadata: dict[str, Any] | None = None,
+    completion_window: str = "24h",
 ) -> str:
     """Parse, store and enqueue a batch; returns its id. A bad file raises InputError and writes nothing."""
+    window_s = parse_window(completion_window)
     model = model or settings.model
     sampling = sampling or SamplingParams()
     items = parse_input(input_path, defaults=sampling, served_model=model, system_prompt=system_prompt,
                         max_line_bytes=settings.max_line_bytes, max_items=settings.max_items_per_batch)
     upgrade(settings.database_url)
     batch_id = new_batch_id()
-    _store(settings, batch_id, str(input_path), model, sampling, system_prompt, metadata or {}, items)
+    _store(settings, batch_id, str(input_path), model, sampling, system_prompt, metadata or {}, items, window_s)
     _enqueue(settings, batch_id, model)
     return batch_id
 
 
 def _store(settings: Settings, batch_id: str, input_file: str, model: str, sampling: SamplingParams,
-           system_prompt: str | None, metadata: dict[str, Any], items: list[ParsedItem]) -> None:
+           system_prompt: str | None, metadata: dict[str, Any], items: list[ParsedItem], window_s: int) -> None:
     now = utcnow()
     batch = Batch(
         id=batch_id, kind="generate", endpoint=items[0].endpoint, model=model,
         params={"sampling": sampling.model_dump(), "system_prompt": system_prompt},
         status=BatchStatus.in_progress, input_file=input_file, metadata_=metadata, errors=[],
         total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
+        completion_window_s=window_s, expires_at=now + timedelta(seconds=window_s), expired=0,
         created_at=now, in_progress_at=now,
     )
     rows = (_item_row(batch_id, item, now) for item in items)
@@ -66,12 +70,12 @@ def _store(settings: Settings, batch_id: str, input_file: str, model: str, sampl
         if session.get_bind().dialect.name == "postgresql":
             _copy_items(session, rows)
         else:
-            for chunk in _batched(rows, INSERT_ROWS_PER_STATEMENT):
+            for chunk in batched(rows, INSERT_ROWS_PER_STATEMENT):
                 session.execute(insert(Item), chunk)  # executemany: a few statements, not one per item
 
 
 ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",
-                "attempts", "enqueued_at", "finished_at")
+                "attempts", "interrupted", "enqueued_at", "finished_at")
 
 
 def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
@@ -79,7 +83,7 @@ def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
         "batch_id": batch_id, "line": item.line, "custom_id": item.custom_id, "endpoint": item.endpoint,
         "request": item.request.model_dump(exclude_none=True), "body": item.body,
         "status": ItemStatus.failed if item.error else ItemStatus.queued,
-        "last_error": item.error, "attempts": 0, "enqueued_at": now,
+        "last_error": item.error, "attempts": 0, "interrupted": False, "enqueued_at": now,
         "finished_at": now if item.error else None,
     }
 
@@ -100,13 +104,8 @@ def _enqueue(settings: Settings, batch_id: str, model: str) -> None:
         ids = session.scalars(
             select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued).order_by(Item.line)
         ).all()
-    app = configure(settings)
-    url, options = broker_options(settings)
     try:
-        # An explicit connection, not the app's pool: a process may submit to several brokers (tests do).
-        with app.connection_for_write(url, transport_options=options) as conn, conn.Producer() as producer:
-            for chunk in _batched(iter(ids), settings.chunk_size):
-                app.send_task(RUN_CHUNK, args=[batch_id, chunk], queue=queue_for(model), producer=producer)
+        send_chunks(settings, batch_id, model, list(ids))
     except Exception as exc:  # kombu raises many kinds; all mean "not delivered"
         _mark_failed(settings, batch_id, f"could not enqueue on {redact(settings.broker_url)}: {type(exc).__name__}")
         raise BrokerError(f"batch {batch_id} was stored but could not be enqueued on "
@@ -121,9 +120,3 @@ def _mark_failed(settings: Settings, batch_id: str, message: str) -> None:
         if batch is not None:
             batch.status, batch.failed_at = BatchStatus.failed, utcnow()
             batch.errors = [*batch.errors, {"code": "enqueue_failed", "message": message}]
-
-
-def _batched(iterable: Iterator[Any] | Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(iterable)
-    while chunk := list(islice(iterator, size)):
-        yield chunk

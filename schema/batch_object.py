@@ -23,7 +23,7 @@ class BatchObject(BaseModel):
     endpoint: str
     model: str
     input_file: str | None
-    completion_window: str = "24h"
+    completion_window: str
     status: str
     errors: list[dict[str, Any]]
     request_counts: RequestCounts
@@ -34,6 +34,7 @@ class BatchObject(BaseModel):
     completed_at: int | None
     failed_at: int | None
     expired_at: int | None
+    expires_at: int | None
     cancelling_at: int | None
     cancelled_at: int | None
     elapsed_s: float | None  # from submission to the end (or to now, while it runs)
@@ -49,6 +50,8 @@ class BatchObject(BaseModel):
             id=row.id, endpoint=row.endpoint, model=row.model, input_file=row.input_file, status=row.status,
             errors=list(row.errors or []), metadata=dict(row.metadata_ or {}),
             request_counts=RequestCounts(total=row.total, completed=row.succeeded, failed=row.failed),
+            completion_window=f"{row.completion_window_s}s" if row.completion_window_s % 3600 else
+            f"{row.completion_window_s // 3600}h", expires_at=epoch(row.expires_at),
             created_at=epoch(row.created_at) or 0, in_progress_at=epoch(row.in_progress_at),
             finalizing_at=epoch(row.finalizing_at), completed_at=epoch(row.completed_at),
             failed_at=epoch(row.failed_at), expired_at=epoch(row.expired_at),

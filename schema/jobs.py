@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schema.errors import ConfigError
+
 
 class ChatMessage(BaseModel):
     """One chat turn, as in the OpenAI chat-completions API."""
@@ -42,3 +44,14 @@ class GenerationResult(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+
+
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str) -> int:
+    """A completion window such as "24h", "90m" or "3600s", in seconds."""
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in _WINDOW_UNITS or not number.isdigit() or int(number) <= 0:
+        raise ConfigError(f"completion window {text!r} is not a positive number followed by s, m, h or d")
+    return int(number) * _WINDOW_UNITS[unit]

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_items_per_batch: int = Field(default=100_000, ge=1)
     visibility_timeout_s: int = Field(default=3600, ge=60)
     chunk_time_limit_s: int = Field(default=1800, ge=10)
+    max_attempts: int = Field(default=3, ge=1)  # an item that fails its engine this often is marked failed
+    reconcile_interval_s: int = Field(default=30, ge=1)
 
     @model_validator(mode="after")
     def _chunks_end_before_redelivery(self) -> Settings:

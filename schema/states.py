@@ -22,7 +22,8 @@ class ItemStatus(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    expired = "expired"  # its batch's completion window passed before it ran
 
 
 TERMINAL_BATCH = {BatchStatus.completed, BatchStatus.failed, BatchStatus.expired, BatchStatus.cancelled}
-TERMINAL_ITEM = {ItemStatus.succeeded, ItemStatus.failed, ItemStatus.cancelled}
+TERMINAL_ITEM = {ItemStatus.succeeded, ItemStatus.failed, ItemStatus.cancelled, ItemStatus.expired}

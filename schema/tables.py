@@ -38,6 +38,9 @@ class Batch(Base):
     succeeded: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     cancelled: Mapped[int] = mapped_column(Integer, default=0)
+    expired: Mapped[int] = mapped_column(Integer, default=0)
+    completion_window_s: Mapped[int] = mapped_column(Integer, default=86400)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
     in_progress_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finalizing_at: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -67,6 +70,7 @@ class Item(Base):
     body: Mapped[dict[str, Any]] = mapped_column(Json)  # the input line's body, verbatim
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    interrupted: Mapped[bool] = mapped_column(Boolean, default=False)  # its last run failed or never ended
     last_error: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # timing

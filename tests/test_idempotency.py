@@ -73,7 +73,8 @@ def test_chunk_delivered_twice_concurrently(db_url: str, settings_for, tmp_path:
 
 
 def test_redelivery_after_a_dead_worker(db_url: str, settings_for, tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
-    """Items a dead worker left running are taken again once its lease expires; still one result each."""
+    """A chunk whose worker died mid-run is split in two (to corner a poison item) and then runs; one
+    result per item, and the split costs no attempt."""
     settings = settings_for(db_url)
     batch_id, ids = submit_docs(settings, tmp_path)
     with get_sessionmaker(db_url)() as session:
@@ -81,8 +82,11 @@ def test_redelivery_after_a_dead_worker(db_url: str, settings_for, tmp_path: Pat
             status=ItemStatus.running, attempts=1, lease_expires_at=utcnow()))
         session.commit()
     runtime = Runtime(settings, *engine)
-    assert executor.run_chunk(runtime, batch_id, ids)["claimed"] == 6
+    assert executor.run_chunk(runtime, batch_id, ids)["split"] == 6
+    assert executor.run_chunk(runtime, batch_id, ids[:3])["claimed"] == 3
+    assert executor.run_chunk(runtime, batch_id, ids[3:])["claimed"] == 3
     with get_sessionmaker(db_url)() as session:
         attempts = dict(session.execute(select(Item.id, Item.attempts).where(Item.batch_id == batch_id)).all())
     assert [attempts[i] for i in ids] == [2, 2, 2, 1, 1, 1]
     assert result_count(db_url) == 6
+    assert api.open_batch(batch_id, settings).status().status == BatchStatus.completed

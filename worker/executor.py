@@ -1,38 +1,90 @@
-"""Runs one chunk: claim its items, hand them to the engine, write the outcomes, move the batch on."""
+"""Runs one chunk: claim its items, hand them to the engine, write the outcomes, move the batch on.
+
+Failure handling, driven by what SQL keeps per item (attempts, and whether the last run was interrupted):
+- a chunk holding an item whose last run failed or never ended (its worker or engine died, or the
+  engine raised) is split in two and sent again, so a poison item ends up alone;
+- an interrupted item alone in its chunk past `max_attempts` runs is marked failed with its last error;
+- writing results retries with backoff when the database drops the connection: the results are in
+  memory, and nothing is acknowledged before they are in SQL.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
 
 from schema.db import utcnow
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest
 from worker import store
+from worker.dispatch import send_chunks
 from worker.runtime import Runtime, sessions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+WRITE_RETRIES = (0.5, 1, 2, 4, 8, 15)  # seconds between attempts: rides out a database restart
 
 
 def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str, int]:
     make_session = sessions(runtime)
+    settings = runtime.settings
     with make_session() as session, session.begin():
-        claimed = store.claim(session, batch_id, item_ids, runtime.host, runtime.settings.chunk_time_limit_s)
+        claimed = store.claim(session, batch_id, item_ids, runtime.host, settings.chunk_time_limit_s)
     if not claimed:  # a duplicate delivery, or the batch was cancelled: nothing to do
         return {"claimed": 0, "succeeded": 0, "failed": 0}
+    if len(claimed) > 1 and any(c.interrupted for c in claimed):
+        return _split(runtime, batch_id, claimed)
+    if claimed[0].interrupted and claimed[0].attempts > settings.max_attempts:  # a poison item, alone
+        give_up(runtime, batch_id, [claimed[0].id], f"gave up after {settings.max_attempts} attempts; "
+                                                    f"last error: {claimed[0].last_error}")
+        return {"claimed": 1, "succeeded": 0, "failed": 1}
     try:
         outcomes, started, finished = _generate(runtime, claimed)
-    except Exception as exc:  # the engine failed as a whole: give the chunk back, let Celery retry
+    except Exception as exc:  # the engine failed as a whole: give the chunk back, the task retries it
         with make_session() as session, session.begin():
             store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}")
         raise
+    _with_retries(lambda: _write(runtime, batch_id, outcomes, started, finished))
+    failed = sum(1 for o in outcomes if o.error)
+    return {"claimed": len(claimed), "succeeded": len(outcomes) - failed, "failed": failed}
+
+
+def _split(runtime: Runtime, batch_id: str, claimed: list[store.Claimed]) -> dict[str, int]:
+    """Send the chunk again as two halves (this claim does not count as an attempt)."""
+    ids = [c.id for c in claimed]
+    with sessions(runtime)() as session, session.begin():
+        store.release(session, ids, "chunk split to isolate a failing item", refund_attempt=True)
+    half = len(ids) // 2
+    model = runtime.settings.model
+    send_chunks(runtime.settings, batch_id, model, ids[:half])
+    send_chunks(runtime.settings, batch_id, model, ids[half:])
+    log.warning("batch %s: split a chunk of %d items that failed before", batch_id, len(ids))
+    return {"claimed": 0, "succeeded": 0, "failed": 0, "split": len(ids)}
+
+
+def _write(runtime: Runtime, batch_id: str, outcomes: list[store.Outcome], started, finished) -> None:  # type: ignore[no-untyped-def]
     engine, model = runtime.engine.name, runtime.engine.model_name
-    with make_session() as session, session.begin():  # results, states and counts land together
+    with sessions(runtime)() as session, session.begin():  # results, states and counts land together
         eb_id = store.record_engine_batch(session, batch_id, runtime.host, engine, model, outcomes, started, finished)
         store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
                              engine_batch_id=eb_id, started=started, finished=finished)
         store.close_if_done(session, batch_id)
-    failed = sum(1 for o in outcomes if o.error)
-    return {"claimed": len(claimed), "succeeded": len(outcomes) - failed, "failed": failed}
+
+
+def _with_retries(write: Callable[[], T]) -> T:
+    for pause in WRITE_RETRIES:
+        try:
+            return write()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated and "connection" not in str(exc.orig).lower():
+                raise
+            log.warning("database connection lost while writing results; retrying in %.1f s", pause)
+            time.sleep(pause)
+    return write()
 
 
 def _generate(runtime: Runtime, claimed: list[store.Claimed]):  # type: ignore[no-untyped-def]
@@ -54,7 +106,7 @@ def _generate(runtime: Runtime, claimed: list[store.Claimed]):  # type: ignore[n
 
 
 def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str) -> None:
-    """After the last retry: the chunk's unfinished items fail with the error, so the batch can end."""
+    """The items fail with the error, so the batch can end."""
     with sessions(runtime)() as session, session.begin():
         store.fail_open_items(session, batch_id, item_ids, error)
         store.close_if_done(session, batch_id)

@@ -7,12 +7,14 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from schema.errors import EngineError
 from schema.settings import Settings
 from worker import runtime
 from worker.celery_app import configure, queue_for
+from worker.reconciler import reconcile
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
         hostname=f"gristmill-{os.getpid()}@{socket.gethostname()}",
         without_mingle=True, without_gossip=True,
     )
+    threading.Thread(target=_reconcile_every, args=(settings,), name="reconciler", daemon=True).start()
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()
     try:
@@ -49,6 +52,16 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
 def _shut_down() -> None:
     """Warm shutdown, the same path as SIGTERM: running chunks hand their items back and retry."""
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _reconcile_every(settings: Settings) -> None:
+    """At start and then periodically: requeue what no one holds, expire overdue batches."""
+    while True:
+        try:
+            reconcile(settings)
+        except Exception:  # the broker or database is away; the next round tries again
+            log.exception("reconciling failed")
+        time.sleep(settings.reconcile_interval_s)
 
 
 def _stop_when(condition: Callable[[], bool], poll_s: float = 0.5) -> None:

@@ -29,6 +29,9 @@ class Claimed:
     custom_id: str
     request: dict[str, Any]
     enqueued_at: datetime | None
+    attempts: int  # this claim included
+    last_error: str | None
+    interrupted: bool  # an earlier run of it failed or never ended
 
 
 @dataclass
@@ -56,11 +59,12 @@ def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease
         .values(
             status=ItemStatus.running,
             attempts=Item.attempts + 1,
+            interrupted=case((Item.status == ItemStatus.running, True), else_=Item.interrupted),
             started_at=now,
             worker_host=host,
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
-        .returning(Item.id, Item.custom_id, Item.request, Item.enqueued_at)
+        .returning(Item.id, Item.custom_id, Item.request, Item.enqueued_at, Item.attempts, Item.last_error, Item.interrupted)
         .execution_options(synchronize_session=False)
     )
     rows = session.execute(stmt).all()
@@ -131,12 +135,15 @@ def _outcome_row(o: Outcome, started: datetime, engine_s: float) -> tuple[Any, .
     )
 
 
-def release(session: Session, item_ids: list[int], error: str) -> None:
-    """Hand claimed items back to the queue (the chunk will be retried), keeping the error for the record."""
+def release(session: Session, item_ids: list[int], error: str, refund_attempt: bool = False) -> None:
+    """Hand claimed items back to the queue, keeping the error for the record; `refund_attempt` when
+    the claim did not really try them (a chunk split before running)."""
     session.execute(
         update(Item)
         .where(Item.id.in_(item_ids), Item.status == ItemStatus.running)
-        .values(status=ItemStatus.queued, last_error=error, lease_expires_at=None)
+        .values(status=ItemStatus.queued, lease_expires_at=None, interrupted=not refund_attempt,
+                attempts=Item.attempts - 1 if refund_attempt else Item.attempts,
+                last_error=Item.last_error if refund_attempt else error)
         .execution_options(synchronize_session=False)
     )
 
@@ -168,7 +175,7 @@ def cancel_queued(session: Session, batch_id: str) -> None:
 def close_if_done(session: Session, batch_id: str) -> None:
     """Move the batch on once every item has ended: `completed`, or `cancelled` if it was cancelling."""
     now = utcnow()
-    ended = Batch.succeeded + Batch.failed + Batch.cancelled >= Batch.total
+    ended = Batch.succeeded + Batch.failed + Batch.cancelled + Batch.expired >= Batch.total
     for status, values in (
         (BatchStatus.in_progress, {"status": BatchStatus.completed, "finalizing_at": now, "completed_at": now}),
         (BatchStatus.cancelling, {"status": BatchStatus.cancelled, "cancelled_at": now}),

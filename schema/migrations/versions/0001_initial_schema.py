@@ -33,6 +33,9 @@ def upgrade() -> None:
     sa.Column('succeeded', sa.Integer(), nullable=False),
     sa.Column('failed', sa.Integer(), nullable=False),
     sa.Column('cancelled', sa.Integer(), nullable=False),
+    sa.Column('expired', sa.Integer(), nullable=False),
+    sa.Column('completion_window_s', sa.Integer(), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('in_progress_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finalizing_at', sa.DateTime(timezone=True), nullable=True),
@@ -46,6 +49,7 @@ def upgrade() -> None:
     with op.batch_alter_table('batches', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_batches_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_batches_status'), ['status'], unique=False)
+        batch_op.create_index(batch_op.f('ix_batches_expires_at'), ['expires_at'], unique=False)
 
     op.create_table('engine_batches',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -75,6 +79,7 @@ def upgrade() -> None:
     sa.Column('body', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('interrupted', sa.Boolean(), nullable=False),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True),
@@ -133,6 +138,7 @@ def downgrade() -> None:
     op.drop_table('engine_batches')
     with op.batch_alter_table('batches', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_batches_status'))
+        batch_op.drop_index(batch_op.f('ix_batches_expires_at'))
         batch_op.drop_index(batch_op.f('ix_batches_created_at'))
 
     op.drop_table('batches')

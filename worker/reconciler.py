@@ -1,0 +1,128 @@
+"""SQL is the source of truth, the broker only delivers: put back on the queue what SQL says should run
+but nothing carries, and end batches whose completion window has passed.
+
+- items `running` whose lease expired (their worker died) go back to `queued`;
+- items `queued` for longer than a grace period that no message in the broker names (Redis restarted
+  without persistence, a message dropped) are sent again;
+- batches past `expires_at` end `expired`: finished results stay, queued items become `expired`.
+A duplicate message this may create is harmless: claiming an item is a conditional update.
+Runs on worker start, every `reconcile_interval_s` in each worker, and as `gristmill reconcile`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from schema.db import get_sessionmaker, utcnow
+from schema.settings import EMBEDDED_BROKER, Settings
+from schema.states import BatchStatus, ItemStatus
+from schema.tables import Batch, Item
+from worker import store
+from worker.celery_app import queue_for
+from worker.dispatch import send_chunks
+
+log = logging.getLogger(__name__)
+GRACE_S = 60  # a submission enqueues within seconds of its commit; younger items are left alone
+
+
+@dataclass
+class Report:
+    expired_batches: list[str] = field(default_factory=list)
+    leases_expired: int = 0
+    requeued: int = 0
+
+
+def reconcile(settings: Settings) -> Report:
+    report = Report()
+    make_session = get_sessionmaker(settings.database_url)
+    with make_session() as session, session.begin():
+        report.expired_batches = expire_due(session)
+    with make_session() as session, session.begin():
+        report.leases_expired = _return_dead_leases(session)
+    with make_session() as session:
+        orphans = _queued_without_message(session, settings)
+    for (batch_id, model), ids in orphans.items():
+        send_chunks(settings, batch_id, model, ids)
+        report.requeued += len(ids)
+    if report.expired_batches or report.leases_expired or report.requeued:
+        log.warning("reconciled: %s", report)
+    return report
+
+
+def expire_due(session: Session) -> list[str]:
+    """End every batch past its completion window: its queued items become `expired`."""
+    now = utcnow()
+    due = list(session.scalars(
+        update(Batch).where(Batch.status == BatchStatus.in_progress, Batch.expires_at < now)
+        .values(status=BatchStatus.expired, expired_at=now).returning(Batch.id)
+        .execution_options(synchronize_session=False)))
+    for batch_id in due:
+        expired = session.execute(
+            update(Item).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
+            .values(status=ItemStatus.expired, finished_at=now, last_error="batch expired before this item ran")
+            .returning(Item.id).execution_options(synchronize_session=False)).all()
+        store.count(session, batch_id, expired=len(expired))
+    return due
+
+
+def _return_dead_leases(session: Session) -> int:
+    returned = session.execute(
+        update(Item).where(Item.status == ItemStatus.running, Item.lease_expires_at < utcnow())
+        .values(status=ItemStatus.queued, lease_expires_at=None, interrupted=True,
+                last_error="its worker stopped; queued again")
+        .returning(Item.id).execution_options(synchronize_session=False)).all()
+    return len(returned)
+
+
+def _queued_without_message(session: Session, settings: Settings) -> dict[tuple[str, str], list[int]]:
+    cutoff = utcnow() - timedelta(seconds=GRACE_S)
+    rows = session.execute(
+        select(Item.id, Item.batch_id, Batch.model).join(Batch, Batch.id == Item.batch_id)
+        .where(Item.status == ItemStatus.queued, Item.enqueued_at < cutoff,
+               Batch.status.in_([BatchStatus.in_progress, BatchStatus.cancelling]))
+        .order_by(Item.batch_id, Item.line)).all()
+    if not rows:
+        return {}
+    carried = ids_in_broker(settings, {queue_for(model) for _, _, model in rows})
+    orphans: dict[tuple[str, str], list[int]] = {}
+    for item_id, batch_id, model in rows:
+        if item_id not in carried:
+            orphans.setdefault((batch_id, model), []).append(item_id)
+    return orphans
+
+
+def ids_in_broker(settings: Settings, queues: set[str]) -> set[int]:
+    """Item ids named by any message waiting in these queues or delivered but not yet acknowledged."""
+    if settings.broker_url == EMBEDDED_BROKER:
+        folder = settings.broker_folder / "queue"
+        messages = [p.read_bytes() for p in Path(folder).glob("*.msg")] if folder.exists() else []
+    else:
+        client = redis.Redis.from_url(settings.broker_url)
+        messages = [m for q in queues for m in client.lrange(q, 0, -1)]
+        messages += [json.dumps(json.loads(v)[0]).encode() for v in client.hvals("unacked")]
+    ids: set[int] = set()
+    for raw in messages:
+        ids.update(_item_ids(raw))
+    return ids
+
+
+def _item_ids(raw: bytes) -> list[int]:
+    try:
+        message: dict[str, Any] = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return [int(i) for i in args[1]]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return []  # not one of our chunk messages
