@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = Field(default=1800, ge=10)
     max_attempts: int = Field(default=3, ge=1)  # an item that fails its engine this often is marked failed
     reconcile_interval_s: int = Field(default=30, ge=1)
+    requeue_grace_s: int = Field(default=60, ge=0)  # queued items younger than this are not reconciled
 
     @model_validator(mode="after")
     def _chunks_end_before_redelivery(self) -> Settings:

@@ -32,7 +32,6 @@ from worker.celery_app import queue_for
 from worker.dispatch import send_chunks
 
 log = logging.getLogger(__name__)
-GRACE_S = 60  # a submission enqueues within seconds of its commit; younger items are left alone
 
 
 @dataclass
@@ -48,10 +47,11 @@ def reconcile(settings: Settings) -> Report:
     with make_session() as session, session.begin():
         report.expired_batches = expire_due(session)
     with make_session() as session, session.begin():
-        report.leases_expired = _return_dead_leases(session)
+        dead = _return_dead_leases(session)
+    report.leases_expired = sum(len(ids) for ids in dead.values())
     with make_session() as session:
-        orphans = _queued_without_message(session, settings)
-    for (batch_id, model), ids in orphans.items():
+        orphans = _queued_without_message(session, settings, exclude=dead)
+    for (batch_id, model), ids in [*dead.items(), *orphans.items()]:
         send_chunks(settings, batch_id, model, ids)
         report.requeued += len(ids)
     if report.expired_batches or report.leases_expired or report.requeued:
@@ -75,17 +75,24 @@ def expire_due(session: Session) -> list[str]:
     return due
 
 
-def _return_dead_leases(session: Session) -> int:
+def _return_dead_leases(session: Session) -> dict[tuple[str, str], list[int]]:
+    """Queue again the items whose worker stopped renewing its claim; their message died with it."""
     returned = session.execute(
         update(Item).where(Item.status == ItemStatus.running, Item.lease_expires_at < utcnow())
         .values(status=ItemStatus.queued, lease_expires_at=None, interrupted=True,
                 last_error="its worker stopped; queued again")
-        .returning(Item.id).execution_options(synchronize_session=False)).all()
-    return len(returned)
+        .returning(Item.id, Item.batch_id).execution_options(synchronize_session=False)).all()
+    models = dict(session.execute(select(Batch.id, Batch.model).where(
+        Batch.id.in_({batch_id for _, batch_id in returned}))).all()) if returned else {}
+    by_batch: dict[tuple[str, str], list[int]] = {}
+    for item_id, batch_id in returned:
+        by_batch.setdefault((batch_id, models[batch_id]), []).append(item_id)
+    return by_batch
 
 
-def _queued_without_message(session: Session, settings: Settings) -> dict[tuple[str, str], list[int]]:
-    cutoff = utcnow() - timedelta(seconds=GRACE_S)
+def _queued_without_message(session: Session, settings: Settings,
+                            exclude: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], list[int]]:
+    cutoff = utcnow() - timedelta(seconds=settings.requeue_grace_s)
     rows = session.execute(
         select(Item.id, Item.batch_id, Batch.model).join(Batch, Batch.id == Item.batch_id)
         .where(Item.status == ItemStatus.queued, Item.enqueued_at < cutoff,
@@ -94,6 +101,7 @@ def _queued_without_message(session: Session, settings: Settings) -> dict[tuple[
     if not rows:
         return {}
     carried = ids_in_broker(settings, {queue_for(model) for _, _, model in rows})
+    carried.update(i for ids in exclude.values() for i in ids)
     orphans: dict[tuple[str, str], list[int]] = {}
     for item_id, batch_id, model in rows:
         if item_id not in carried:
