@@ -35,3 +35,18 @@ def test_unreachable_broker_error_hides_password(sqlite_url: str, settings_for, 
     proc = gristmill("submit", str(path), settings=settings, cwd=tmp_path, check=False, timeout=120)
     assert proc.returncode == 1
     assert "could not be enqueued" in proc.stderr and "hunter2" not in proc.stderr + proc.stdout
+
+
+def test_tls_redis_urls_verify_certificates() -> None:
+    import ssl
+
+    from worker.celery_app import tls_options
+
+    assert tls_options("rediss://:pw@redis.example:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert tls_options("rediss://:pw@redis.example:6380/0?ssl_cert_reqs=optional") is None
+    assert tls_options("redis://127.0.0.1:6379/0") is None
+
+
+def test_chunk_time_limit_must_stay_below_visibility_timeout() -> None:
+    with pytest.raises(ValueError, match="VISIBILITY_TIMEOUT"):
+        Settings(chunk_time_limit_s=3000, visibility_timeout_s=3600)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -34,11 +35,19 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     return EMBEDDED_BROKER, options
 
 
+def tls_options(url: str) -> dict[str, Any] | None:
+    """`rediss://` URLs: verify the server's certificate unless the URL itself says otherwise."""
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None
+
+
 def configure(settings: Settings | None = None) -> Celery:
     """(Re)apply settings to the app; the CLI calls this after reading flags."""
     settings = settings or get_settings()
     url, options = broker_options(settings)
     app.conf.update(
+        broker_use_ssl=tls_options(url),
         broker_url=url,
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
