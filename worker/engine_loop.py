@@ -15,12 +15,14 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest, GenerationResult
 from worker.engines.base import Engine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,12 +37,28 @@ class _Submission:
             self.future.set_result([self.results[i] for i in range(len(self.requests))])
 
 
+@dataclass
+class _Call:
+    """A function to run on the driver thread between two engine steps."""
+
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return  # its caller gave up before it ran
+        try:
+            self.future.set_result(self.fn())
+        except Exception as exc:  # noqa: BLE001  # the caller's failure, not the loop's: the engine runs on
+            self.future.set_exception(exc)
+
+
 class EngineLoop:
     """One driver thread per engine; any number of threads may submit chunks to it."""
 
     def __init__(self, engine: Engine, on_failure: Callable[[], None] | None = None) -> None:
         self.engine, self.on_failure = engine, on_failure
-        self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submission | _Call | None] = queue.SimpleQueue()
         self._owners: dict[str, tuple[_Submission, int]] = {}
         self._closing = False
         self._thread = threading.Thread(target=self._drive, name="engine-loop", daemon=True)
@@ -56,7 +74,19 @@ class EngineLoop:
             self._inbox.put(submission)
         return submission.future
 
-    def cancel(self, future: Future[list[GenerationResult]]) -> None:
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn()` on the driver thread, between engine steps, and return its future.
+
+        For work that drives the engine itself (classification): vLLM's LLM is not thread-safe, so
+        nothing but this thread may touch it. Generation in flight keeps its place in the engine.
+        """
+        if not self.alive:
+            raise EngineError("the engine loop has stopped")
+        call = _Call(fn)
+        self._inbox.put(call)
+        return call.future
+
+    def cancel(self, future: Future[Any]) -> None:
         """Stop the requests of a submission whose caller gave up on it (time limit, shutdown)."""
         self._inbox.put(None)  # wake the driver; it drops owners whose future is done
         future.cancel()
@@ -95,6 +125,9 @@ class EngineLoop:
             block = False
             if submission is None:
                 self._drop_abandoned()
+                continue
+            if isinstance(submission, _Call):
+                submission.run()
                 continue
             for index, request in enumerate(submission.requests):
                 added = self.engine.add(request)

@@ -58,6 +58,8 @@ def load_engine(model: str, engine: str = "auto", settings: Settings | None = No
     settings = settings or get_settings()
     chosen = pick_engine(engine)
     try:
+        if chosen in ENGINES and _is_head(model):  # a sequence-classification model: a classifier
+            return _load_head(model, chosen, settings)
         if chosen == "vllm":
             from worker.engines.vllm_engine import VLLMEngine
 
@@ -70,6 +72,26 @@ def load_engine(model: str, engine: str = "auto", settings: Settings | None = No
         return TransformersEngine(model, settings=settings)
     except (ImportError, AttributeError) as exc:
         raise EngineError(f"engine '{chosen}' is not installed: {exc}") from exc
+
+
+def _is_head(model: str) -> bool:
+    from worker.engines.heads import head_config
+    from worker.models import resolve_model
+
+    try:
+        return head_config(resolve_model(model)) is not None
+    except ModelError:
+        return False  # the engine itself reports a model it cannot find
+
+
+def _load_head(model: str, chosen: str, settings: Settings) -> Engine:
+    if chosen == "vllm":
+        from worker.engines.vllm_head import VLLMHeadEngine
+
+        return VLLMHeadEngine(model, settings=settings)
+    from worker.engines.hf_head import TransformersHeadEngine
+
+    return TransformersHeadEngine(model, settings=settings)
 
 
 def run_to_completion(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:

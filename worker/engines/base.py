@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from schema.jobs import GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:  # worker.engines.labels imports the package that imports this module
+    from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
 
 
 class Engine(Protocol):
@@ -33,6 +36,22 @@ class Engine(Protocol):
     def has_unfinished(self) -> bool: ...
 
     def abort(self, keys: list[str]) -> None: ...
+
+    # Classification (worker.classify). Call from the thread that steps the engine (EngineLoop.call).
+    head_labels: list[str] | None  # a sequence-classification model's labels; None for a generative one
+
+    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
+        """Each label's token log-probabilities as the continuation of its query's prompt, the prompt
+        computed once per query, not once per label. A query that cannot run gets `error` set."""
+        ...
+
+    def choose(self, queries: list[LabelQuery]) -> list[Choice]:
+        """Guided choice: greedy generation constrained to one of the query's labels."""
+        ...
+
+    def classify_texts(self, texts: list[str]) -> list[HeadScores]:
+        """A classification head's softmax over `head_labels` for each text."""
+        ...
 
     def close(self) -> None:
         """Free the model and stop any engine process."""

@@ -14,7 +14,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from schema.errors import EngineError, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.settings import Settings, get_settings
-from worker.engines import admit, failed_result
+from worker.engines import admit, failed_result, hf_labels
+from worker.engines.labels import (
+    Choice,
+    HeadScores,
+    LabelLogprobs,
+    LabelQuery,
+    end_token_id,
+    greedy_walk,
+    split_runnable,
+)
 from worker.models import ModelSource, resolve_model
 
 DEFAULT_BATCH_SIZE = 32
@@ -53,6 +62,7 @@ class TransformersEngine:
         self.max_num_seqs = batch_size
         self._keys = itertools.count()
         self._pending: dict[str, tuple[SamplingParams, list[int]]] = {}  # key -> (sampling, prompt ids)
+        self.head_labels: list[str] | None = None  # a generative model: labels come from the job
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         self._require_model()
@@ -93,6 +103,37 @@ class TransformersEngine:
     def abort(self, keys: list[str]) -> None:
         for key in keys:
             self._pending.pop(key, None)
+
+    # --- classification ------------------------------------------------------------------------
+
+    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
+        """Each label's token log-probabilities as a continuation of its query's prompt."""
+        model = self._require_model()
+        slots, runnable = split_runnable(self._tokenizer, queries, self.max_model_len)
+        scores = hf_labels.token_logprobs(model, self._tokenizer, [t for _, t in runnable], self.batch_size)
+        for (index, tokens), per_label in zip(runnable, scores, strict=True):
+            slots[index] = LabelLogprobs(per_label, len(tokens.prompt))
+        return [slot if slot is not None else LabelLogprobs(error="not run") for slot in slots]
+
+    def choose(self, queries: list[LabelQuery]) -> list[Choice]:
+        """Guided choice: constrained greedy decoding, which is a greedy walk down the labels' token
+        trie; the label scores hold every logprob that walk reads."""
+        model = self._require_model()
+        results = [Choice() for _ in queries]
+        slots, runnable = split_runnable(self._tokenizer, queries, self.max_model_len)
+        for index, slot in enumerate(slots):
+            if slot is not None:
+                results[index].error = slot.error
+        scores = hf_labels.token_logprobs(model, self._tokenizer, [t for _, t in runnable], self.batch_size)
+        for (index, tokens), per_label in zip(runnable, scores, strict=True):
+            picked = greedy_walk(tokens.continuations, per_label)
+            generated = tokens.continuations[picked]  # then the end of turn, as guided generation does
+            results[index] = Choice(queries[index].labels[picked], len(tokens.prompt),
+                                    len(generated) + (generated[-1] != end_token_id(self._tokenizer)))
+        return results
+
+    def classify_texts(self, texts: list[str]) -> list[HeadScores]:
+        return [HeadScores(error="the model is not a classification model") for _ in texts]
 
     def close(self) -> None:
         self._model = None

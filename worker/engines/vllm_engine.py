@@ -10,7 +10,7 @@ import gc
 import itertools
 import multiprocessing
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from transformers import AutoTokenizer
@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.settings import Settings, get_settings
-from worker.engines import admit, failed_result, run_to_completion
+from worker.engines import admit, failed_result, run_to_completion, vllm_labels
+from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery, split_runnable, tokenize
 from worker.models import prepare_for_vllm, resolve_model
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class VLLMEngine:
     """vLLM's engine driven through add/step, with per-request sampling parameters."""
 
     name = "vllm"
+    runner_options: ClassVar[dict[str, Any]] = {}  # vllm.LLM options of a variant (worker.engines.vllm_head)
 
     def __init__(
         self,
@@ -55,6 +57,9 @@ class VLLMEngine:
         self._llm: vllm.LLM | None = self._start(str(folder))
         self._keys = itertools.count()
         self.max_num_seqs = int(self._llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        # Finished generation results that a classification call stepped past; step() hands them out.
+        self._stash: list[tuple[str, GenerationResult]] = []
+        self.head_labels: list[str] | None = None  # a generative model: labels come from the job
 
     def _start(self, folder: str) -> vllm.LLM:
         import vllm
@@ -69,6 +74,7 @@ class VLLMEngine:
             # Read by the EngineCore child at start-up; it inherits our environment.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
             options["enforce_eager"] = True  # no CUDA graphs / compile warm-up on the CPU
+        options.update(self.runner_options)
         try:
             return vllm.LLM(model=folder, tokenizer=folder, **options)
         except (RuntimeError, ValueError, OSError) as exc:
@@ -99,11 +105,77 @@ class VLLMEngine:
 
     def step(self) -> list[tuple[str, GenerationResult]]:
         """One engine step: every queued sequence advances; the finished ones come back."""
+        stashed, self._stash = self._stash, []
+        if stashed and not self._require_llm().llm_engine.has_unfinished_requests():
+            return stashed
         outputs = self._require_llm().llm_engine.step()
-        return [(output.request_id, _result(output)) for output in outputs if output.finished]
+        return stashed + [(output.request_id, _result(output)) for output in outputs if output.finished]
 
     def has_unfinished(self) -> bool:
-        return self._require_llm().llm_engine.has_unfinished_requests()
+        return bool(self._stash) or self._require_llm().llm_engine.has_unfinished_requests()
+
+    # --- classification (call these from the thread that steps the engine: worker.engine_loop) ------
+
+    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
+        """Each label's token log-probabilities as a continuation of its query's prompt."""
+        slots, runnable = split_runnable(self._tokenizer, queries, self.max_model_len)
+        max_ids = int(self._require_llm().llm_engine.model_config.max_logprobs)
+        scores = vllm_labels.token_logprobs(self._run, [tokens for _, tokens in runnable], max_ids)
+        for (index, tokens), per_label in zip(runnable, scores, strict=True):
+            slots[index] = LabelLogprobs(per_label, len(tokens.prompt))
+        return [slot if slot is not None else LabelLogprobs(error="not run") for slot in slots]
+
+    def choose(self, queries: list[LabelQuery]) -> list[Choice]:
+        """Guided choice: greedy generation constrained to one of the labels (structured outputs)."""
+        results: list[Choice] = [Choice() for _ in queries]
+        asks: list[tuple[int, list[int]]] = []
+        for index, query in enumerate(queries):
+            tokens = tokenize(self._tokenizer, query, self.max_model_len)
+            if isinstance(tokens, str):
+                results[index].error = tokens
+            else:
+                asks.append((index, tokens.prompt))
+        outputs = self._run([(prompt, vllm_labels.choice_params(queries[i].labels)) for i, prompt in asks])
+        for (index, prompt), output in zip(asks, outputs, strict=True):
+            text = output.outputs[0].text.strip()
+            results[index] = Choice(label=text if text in queries[index].labels else None,
+                                    prompt_tokens=len(prompt), completion_tokens=len(output.outputs[0].token_ids),
+                                    error=None if text in queries[index].labels else
+                                    f"guided choice ended without a label (generated {text!r})")
+        return results
+
+    def classify_texts(self, texts: list[str]) -> list[HeadScores]:
+        return [HeadScores(error="the model is not a classification model") for _ in texts]
+
+    def _run(self, requests: list[tuple[list[int], Any]]) -> list[RequestOutput]:
+        """Run requests to completion in the engine, alongside any generation in flight (whose
+        finished results are kept for step())."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self._require_llm().llm_engine
+        order: dict[str, int] = {}
+        try:
+            for prompt, params in requests:
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                key = f"c{next(self._keys)}"  # never a generation key: those are plain numbers
+                engine.add_request(key, TokensPrompt(prompt_token_ids=prompt), params)
+                order[key] = len(order)
+        except (RuntimeError, ValueError) as exc:  # labels and lengths were checked: not one bad item
+            engine.abort_request(list(order))
+            raise EngineError(f"vLLM refused a classification request: {exc}") from exc
+        done: list[RequestOutput | None] = [None] * len(requests)
+        missing = len(requests)
+        while missing:
+            if not engine.has_unfinished_requests():
+                raise EngineError("vLLM dropped classification requests before they finished")
+            for output in cast("list[RequestOutput]", engine.step()):  # a generating engine: no pooling
+                if output.request_id in order and output.finished:
+                    done[order[output.request_id]] = output
+                    missing -= 1
+                elif output.finished:
+                    self._stash.append((output.request_id, _result(output)))
+        return [output for output in done if output is not None]
 
     def abort(self, keys: list[str]) -> None:
         self._require_llm().llm_engine.abort_request(keys)

@@ -1,0 +1,103 @@
+"""A sequence-classification model run with transformers: its softmax over its own labels."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from schema.errors import EngineError, ModelError
+from schema.jobs import GenerationRequest, GenerationResult
+from schema.settings import Settings, get_settings
+from worker.engines import failed_result
+from worker.engines.heads import head_config, head_labels
+from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
+from worker.models import resolve_model
+
+DEFAULT_BATCH_SIZE = 32
+NOT_GENERATIVE = "the model is a classification model: it classifies, it cannot generate text"
+NOT_PROMPTED = "the model is a classification model: it scores its own labels, not prompted ones"
+
+
+class TransformersHeadEngine:
+    """AutoModelForSequenceClassification behind the engine interface; generation requests fail."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, *, settings: Settings | None = None, max_model_len: int | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE, dtype: torch.dtype = torch.bfloat16) -> None:
+        settings = settings or get_settings()
+        source = resolve_model(model)
+        config = head_config(source)
+        if config is None:
+            raise ModelError(f"model '{model}' is not a sequence-classification model with id2label")
+        self.model_name, self.batch_size, self.max_num_seqs = model, batch_size, batch_size
+        self.head_labels: list[str] | None = head_labels(config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(source.folder)
+            loaded = AutoModelForSequenceClassification.from_pretrained(source.folder, dtype=dtype,
+                                                                        attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load classification model '{model}': {exc}") from exc
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._tokenizer.padding_side = "right"  # causal: pads after the text cannot change it
+        if loaded.config.pad_token_id is None:  # the model finds each row's last token by it
+            loaded.config.pad_token_id = self._tokenizer.pad_token_id
+        self._model: Any = loaded.to(self.device).eval()
+        context = getattr(loaded.config, "max_position_embeddings", None) or 10**9
+        self.max_model_len = min(max_model_len or settings.max_model_len, context)
+
+    def classify_texts(self, texts: list[str]) -> list[HeadScores]:
+        """The model's softmax for each text; a text longer than the context fails alone."""
+        model = self._require_model()
+        results: list[HeadScores] = []
+        ids = [list(self._tokenizer(text)["input_ids"]) for text in texts]
+        runnable = [i for i, row in enumerate(ids) if 0 < len(row) <= self.max_model_len]
+        probabilities: dict[int, list[float]] = {}
+        for start in range(0, len(runnable), self.batch_size):
+            batch = runnable[start : start + self.batch_size]
+            padded = self._tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
+            with torch.inference_mode():
+                logits = model(**padded.to(self.device)).logits.float()
+            probabilities.update(zip(batch, logits.softmax(-1).tolist()))
+        for index, row in enumerate(ids):
+            if index in probabilities:
+                results.append(HeadScores(probabilities[index], len(row)))
+            else:
+                results.append(HeadScores(prompt_tokens=len(row), error=f"text is {len(row)} tokens; the "
+                                                                        f"model's context is {self.max_model_len}"))
+        return results
+
+    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
+        return [LabelLogprobs(error=NOT_PROMPTED) for _ in queries]
+
+    def choose(self, queries: list[LabelQuery]) -> list[Choice]:
+        return [Choice(error=NOT_PROMPTED) for _ in queries]
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        return [failed_result(NOT_GENERATIVE) for _ in requests]
+
+    def add(self, request: GenerationRequest) -> str | GenerationResult:
+        return failed_result(NOT_GENERATIVE)
+
+    def step(self) -> list[tuple[str, GenerationResult]]:
+        return []
+
+    def has_unfinished(self) -> bool:
+        return False
+
+    def abort(self, keys: list[str]) -> None:
+        pass
+
+    def close(self) -> None:
+        self._model = None
+        gc.collect()
+
+    def _require_model(self) -> Any:
+        if self._model is None:
+            raise EngineError("the transformers engine is closed")
+        return self._model

@@ -1,0 +1,122 @@
+"""What label scoring asks of an engine, and the token rules both engines share.
+
+A label is scored as the continuation of a chat prompt: log P(label tokens | prompt), the sum over its
+tokens, so "billing question" is scored on all three of its tokens, not on its first. When one label's
+tokens start another's ("billing" / "billing question") the shorter one is scored with the end-of-turn
+token after it: "billing" then means the answer stops there, and the two labels are different events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from schema.errors import ModelError
+from schema.jobs import ChatMessage, GenerationRequest
+from worker.engines import prompt_token_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class LabelQuery:
+    """Score every label as a continuation of the chat prompt `messages` (assistant turn opened)."""
+
+    messages: list[ChatMessage]
+    labels: list[str]
+
+
+@dataclass
+class LabelLogprobs:
+    """Per label, the log-probability of each of its tokens given the prompt and the tokens before it."""
+
+    token_logprobs: list[list[float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def totals(self) -> list[float]:
+        return [sum(tokens) for tokens in self.token_logprobs]
+
+
+@dataclass
+class Choice:
+    """Guided choice: the label the model generated, constrained to the labels."""
+
+    label: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class HeadScores:
+    """A classification head's softmax over its own labels (in the model's id2label order)."""
+
+    probabilities: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A query as token ids: the prompt, and each label's continuation."""
+
+    prompt: list[int]
+    continuations: list[list[int]]
+
+
+def continuation_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str], end_id: int) -> list[list[int]]:
+    """Each label's token ids; a label that is a token prefix of another gets `end_id` appended."""
+    ids = [list(tokenizer.encode(label, add_special_tokens=False)) for label in labels]
+    return [seq + [end_id] if any(len(o) > len(seq) and o[: len(seq)] == seq for o in ids) else seq
+            for seq in ids]
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, query: LabelQuery, max_model_len: int) -> Tokenized | str:
+    """The query's token ids, or why it cannot run (too long for the context, no chat template)."""
+    try:
+        prompt = prompt_token_ids(tokenizer, GenerationRequest(messages=query.messages))
+    except ModelError as exc:
+        return str(exc)
+    continuations = continuation_ids(tokenizer, query.labels, end_token_id(tokenizer))
+    longest = max(len(c) for c in continuations)
+    if len(prompt) + longest > max_model_len:
+        return f"prompt is {len(prompt)} tokens and the longest label {longest}; the model's context is " \
+               f"{max_model_len}"
+    return Tokenized(prompt, continuations)
+
+
+def end_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that ends an assistant turn (the chat template's end of turn is the tokenizer's EOS)."""
+    if tokenizer.eos_token_id is None:
+        raise ModelError("the model defines no end-of-sequence token")
+    return int(tokenizer.eos_token_id)
+
+
+def greedy_walk(continuations: list[list[int]], token_logprobs: list[list[float]]) -> int:
+    """Guided choice from label scores: at each token take the likeliest token any remaining label
+    allows (what constrained greedy decoding does); returns the index of the label reached."""
+    alive = list(range(len(continuations)))
+    depth = 0
+    while len(alive) > 1:
+        best = max(alive, key=lambda i: token_logprobs[i][depth])
+        token = continuations[best][depth]
+        alive = [i for i in alive if continuations[i][depth] == token]
+        depth += 1
+    return alive[0]
+
+
+def split_runnable(tokenizer: PreTrainedTokenizerBase, queries: list[LabelQuery], max_model_len: int,
+                   ) -> tuple[list[LabelLogprobs | None], list[tuple[int, Tokenized]]]:
+    """One slot per query, already holding the failure of those that cannot run; and the runnable ones."""
+    slots: list[LabelLogprobs | None] = [None] * len(queries)
+    runnable: list[tuple[int, Tokenized]] = []
+    for index, query in enumerate(queries):
+        tokens = tokenize(tokenizer, query, max_model_len)
+        if isinstance(tokens, str):
+            slots[index] = LabelLogprobs(error=tokens)
+        else:
+            runnable.append((index, tokens))
+    return slots, runnable

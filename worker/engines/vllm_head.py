@@ -1,0 +1,58 @@
+"""A sequence-classification model run with vLLM's pooling runner (`LLM.classify`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from schema.errors import EngineError, ModelError
+from schema.jobs import GenerationRequest, GenerationResult
+from schema.settings import Settings, get_settings
+from worker.engines import failed_result
+from worker.engines.heads import head_config, head_labels
+from worker.engines.hf_head import NOT_GENERATIVE, NOT_PROMPTED
+from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
+from worker.engines.vllm_engine import VLLMEngine
+from worker.models import resolve_model
+
+
+class VLLMHeadEngine(VLLMEngine):
+    """vLLM with runner="pooling": `classify` returns the model's softmax; generation requests fail."""
+
+    runner_options: ClassVar[dict[str, Any]] = {"runner": "pooling"}
+
+    def __init__(self, model: str, *, settings: Settings | None = None, max_model_len: int | None = None) -> None:
+        settings = settings or get_settings()
+        config = head_config(resolve_model(model))
+        if config is None:
+            raise ModelError(f"model '{model}' is not a sequence-classification model with id2label")
+        context = int(config.get("max_position_embeddings") or settings.max_model_len)
+        super().__init__(model, settings=settings, max_model_len=min(max_model_len or settings.max_model_len,
+                                                                     context))
+        self.head_labels = head_labels(config)
+
+    def classify_texts(self, texts: list[str]) -> list[HeadScores]:
+        """The model's softmax for each text; a text longer than the context fails alone."""
+        from vllm.inputs import TokensPrompt
+
+        llm = self._require_llm()
+        ids = [list(self._tokenizer(text)["input_ids"]) for text in texts]
+        runnable = [i for i, row in enumerate(ids) if 0 < len(row) <= self.max_model_len]
+        try:  # nothing else runs on a pooling engine, so LLM.classify may drive it to completion
+            outputs = llm.classify([TokensPrompt(prompt_token_ids=ids[i]) for i in runnable], use_tqdm=False)
+        except (RuntimeError, ValueError) as exc:
+            raise EngineError(f"vLLM classify failed: {exc}") from exc
+        done = {i: output.outputs.probs for i, output in zip(runnable, outputs, strict=True)}
+        return [HeadScores(done[i], len(row)) if i in done else
+                HeadScores(prompt_tokens=len(row), error=f"text is {len(row)} tokens; the model's context is "
+                                                         f"{self.max_model_len}") for i, row in enumerate(ids)]
+
+    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
+        return [LabelLogprobs(error=NOT_PROMPTED) for _ in queries]
+
+    def choose(self, queries: list[LabelQuery]) -> list[Choice]:
+        return [Choice(error=NOT_PROMPTED) for _ in queries]
+
+    def add(self, request: GenerationRequest) -> str | GenerationResult:
+        return failed_result(NOT_GENERATIVE)
+
+
