@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from schema.db import utcnow
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest
-from worker import store
+from worker import classify_chunk, store
 from worker.dispatch import send_chunks
 from worker.runtime import Runtime, sessions
 
@@ -43,7 +43,8 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                                                     f"last error: {claimed[0].last_error}")
         return {"claimed": 1, "succeeded": 0, "failed": 1}
     try:
-        outcomes, started, finished = _generate(runtime, claimed)
+        run = classify_chunk.run if classify_chunk.is_classify(claimed) else _generate
+        outcomes, started, finished = run(runtime, claimed)
     except Exception as exc:  # the engine failed as a whole: give the chunk back, the task retries it
         with make_session() as session, session.begin():
             store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}")
@@ -70,6 +71,7 @@ def _write(runtime: Runtime, batch_id: str, outcomes: list[store.Outcome], start
     engine, model = runtime.engine.name, runtime.engine.model_name
     with sessions(runtime)() as session, session.begin():  # results, states and counts land together
         eb_id = store.record_engine_batch(session, batch_id, runtime.host, engine, model, outcomes, started, finished)
+        classify_chunk.stage(session, batch_id, outcomes, finished)  # no-op for generation outcomes
         store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
                              engine_batch_id=eb_id, started=started, finished=finished)
         store.close_if_done(session, batch_id)

@@ -1,0 +1,157 @@
+"""Classifies a list of requests on an engine: label scoring (calibrated or not), guided choice,
+multi-label yes/no, or a classification head. Runs on the thread that owns the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from schema.classify import Classification, ClassifyRequest
+from worker import calibration, classify_prompt
+from worker.engines.base import Engine
+from worker.engines.labels import LabelQuery
+
+
+@dataclass
+class ClassifyResult:
+    """One request's answer, or its error; token counts for the timing statistics."""
+
+    classification: Classification | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    """One result per request, in order; a request that cannot run fails alone."""
+    results: list[ClassifyResult | None] = [None] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(_route(engine, request), []).append(index)
+    runners = {"head": _heads, "choice": _choices, "multi": _multi_label, "score": _scores}
+    for route, indices in groups.items():
+        for index, result in zip(indices, runners[route](engine, [requests[i] for i in indices]), strict=True):
+            results[index] = result
+    return [r if r is not None else ClassifyResult(error="not run") for r in results]
+
+
+def _route(engine: Engine, request: ClassifyRequest) -> str:
+    if engine.head_labels is not None:
+        return "head"
+    if request.method == "choice":
+        return "choice"
+    return "multi" if request.multi_label else "score"
+
+
+def _labels(request: ClassifyRequest) -> list[str]:
+    if request.labels is None:  # submission only lets this through for classification-head models
+        raise ValueError("the request has no labels and the model is not a classification model")
+    return request.labels
+
+
+# --- label scoring ------------------------------------------------------------------------------
+
+
+def _scores(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    queries = [classify_prompt.single_label(r, _labels(r)) for r in requests]
+    scored = engine.label_logprobs(queries)
+    results = []
+    for request, query, score in zip(requests, queries, scored, strict=True):
+        if score.error is not None:
+            results.append(ClassifyResult(prompt_tokens=score.prompt_tokens, error=score.error))
+            continue
+        raw = calibration.normalise(score.totals)
+        final = calibration.calibrate(raw, _single_prior(engine, request, query.labels)) if request.calibrate else raw
+        results.append(ClassifyResult(_answer(query.labels, final, raw, "score", request.calibrate),
+                                      score.prompt_tokens))
+    return results
+
+
+def _single_prior(engine: Engine, request: ClassifyRequest, labels: list[str]) -> list[float]:
+    key = _prior_key(engine, "single", request.instruction, tuple(labels))
+    queries = [classify_prompt.single_label(request, labels, text) for text in classify_prompt.CONTENT_FREE]
+    return calibration.cached_prior(key, lambda: _prior(engine, queries))
+
+
+def _prior(engine: Engine, queries: list[LabelQuery]) -> list[float]:
+    scored = engine.label_logprobs(queries)
+    usable = [calibration.normalise(s.totals) for s in scored if s.error is None]
+    if not usable:  # cannot happen for short content-free texts unless labels overflow the context
+        return [1.0 / len(queries[0].labels)] * len(queries[0].labels)
+    return calibration.average(usable)
+
+
+def _prior_key(engine: Engine, kind: str, *parts: Hashable) -> Hashable:
+    return (engine.name, engine.model_name, kind, *parts)
+
+
+def _answer(labels: list[str], final: list[float], raw: list[float] | None, method: str,
+            calibrated: bool) -> Classification:
+    best = max(range(len(labels)), key=lambda i: final[i])
+    return Classification(label=labels[best], probabilities=dict(zip(labels, final, strict=True)),
+                          raw_probabilities=dict(zip(labels, raw, strict=True)) if raw is not None else None,
+                          method=method, calibrated=calibrated)  # type: ignore[arg-type]
+
+
+# --- multi-label: each label on its own, yes or no --------------------------------------------
+
+
+def _multi_label(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    queries = [classify_prompt.yes_no(r, _labels(r), label) for r in requests for label in _labels(r)]
+    scored = iter(engine.label_logprobs(queries))
+    results = []
+    for request in requests:
+        labels = _labels(request)
+        answers = [next(scored) for _ in labels]
+        failed = next((a for a in answers if a.error is not None), None)
+        if failed is not None:
+            results.append(ClassifyResult(prompt_tokens=failed.prompt_tokens, error=failed.error))
+            continue
+        raw = [calibration.normalise(a.totals)[0] for a in answers]  # P(yes) against P(no)
+        final = [_calibrated_yes(engine, request, labels, label, p) if request.calibrate else p
+                 for label, p in zip(labels, raw, strict=True)]
+        answer = _answer(labels, final, raw, "score", request.calibrate)
+        answer.labels = [label for label, p in zip(labels, final, strict=True) if p >= request.threshold]
+        results.append(ClassifyResult(answer, sum(a.prompt_tokens for a in answers)))
+    return results
+
+
+def _calibrated_yes(engine: Engine, request: ClassifyRequest, labels: list[str], label: str, p_yes: float) -> float:
+    key = _prior_key(engine, "yes_no", request.instruction, tuple(labels), label)
+    queries = [classify_prompt.yes_no(request, labels, label, text) for text in classify_prompt.CONTENT_FREE]
+    prior = calibration.cached_prior(key, lambda: _prior(engine, queries))
+    return calibration.calibrate([p_yes, 1.0 - p_yes], prior)[0]
+
+
+# --- guided choice and classification heads --------------------------------------------------
+
+
+def _choices(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    queries = [classify_prompt.single_label(r, _labels(r)) for r in requests]
+    results = []
+    for query, choice in zip(queries, engine.choose(queries), strict=True):
+        if choice.label is None:
+            results.append(ClassifyResult(prompt_tokens=choice.prompt_tokens, error=choice.error or "no label"))
+            continue
+        one_hot = [1.0 if label == choice.label else 0.0 for label in query.labels]  # no usable probability
+        results.append(ClassifyResult(_answer(query.labels, one_hot, None, "choice", False),
+                                      choice.prompt_tokens, choice.completion_tokens))
+    return results
+
+
+def _heads(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    labels = engine.head_labels or []
+    results = []
+    for request, scores in zip(requests, engine.classify_texts([r.text for r in requests]), strict=True):
+        if scores.error is not None:
+            results.append(ClassifyResult(prompt_tokens=scores.prompt_tokens, error=scores.error))
+        elif request.labels is not None and sorted(request.labels) != sorted(labels):
+            results.append(ClassifyResult(error=f"the model classifies into {labels}, not {request.labels}"))
+        elif request.multi_label:
+            results.append(ClassifyResult(error="multi-label needs a generative model; this one is a "
+                                                "single-label classifier"))
+        else:
+            results.append(ClassifyResult(_answer(labels, scores.probabilities, scores.probabilities, "head",
+                                                  False), scores.prompt_tokens))
+    return results
