@@ -9,10 +9,12 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from producer import export, stats
+from producer.classify_submit import classify_spec, create_classify_batch
 from producer.submit import create_batch
 from schema.batch_object import BatchObject
+from schema.classify import Method
 from schema.db import get_sessionmaker, upgrade, utcnow
-from schema.errors import BatchNotFound, BatchStateError
+from schema.errors import BatchNotFound, BatchStateError, ConfigError
 from schema.jobs import SamplingParams
 from schema.settings import Settings, get_settings
 from schema.states import BatchStatus
@@ -79,9 +81,24 @@ class BatchHandle:
 
 def submit(input_path: str | Path, *, model: str | None = None, sampling: SamplingParams | None = None,
            system_prompt: str | None = None, metadata: dict[str, Any] | None = None,
-           completion_window: str = "24h", settings: Settings | None = None) -> BatchHandle:
-    """Validate, store and enqueue a batch file. Raises InputError (nothing written) on a bad file."""
+           completion_window: str = "24h", settings: Settings | None = None,
+           task: str = "generate", labels: list[str] | None = None, instruction: str | None = None,
+           method: Method = "score", calibrate: bool = True, multi_label: bool = False,
+           threshold: float = 0.5) -> BatchHandle:
+    """Validate, store and enqueue a batch file. Raises InputError (nothing written) on a bad file.
+
+    task="classify": each line {custom_id|id, text, labels?} gets a label and its probabilities;
+    `labels` (or each line's own), `instruction`, method "score" (calibrated unless calibrate=False)
+    or "choice", `multi_label` with its `threshold`. See schema.classify.
+    """
     settings = settings or get_settings()
+    if task == "classify":
+        spec = classify_spec(labels, instruction=instruction, method=method, calibrate=calibrate,
+                             multi_label=multi_label, threshold=threshold)
+        return BatchHandle(create_classify_batch(input_path, settings, spec, model=model, metadata=metadata,
+                                                 completion_window=completion_window), settings)
+    if task != "generate":
+        raise ConfigError(f"unknown task {task!r}; use generate or classify")
     batch_id = create_batch(input_path, settings, model=model, sampling=sampling,
                             system_prompt=system_prompt, metadata=metadata, completion_window=completion_window)
     return BatchHandle(batch_id, settings)

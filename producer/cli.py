@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from producer import api
+from producer import api, classify_cli
 from producer.progress import ProgressPrinter
 from schema.errors import GristmillError, InputError
 from schema.jobs import SamplingParams
@@ -28,6 +28,7 @@ def _job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt for simple JSONL lines")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--completion-window", default="24h", help="the batch expires after this long (e.g. 24h, 90m)")
+    classify_cli.add_flags(p)
 
 
 def _export_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -88,7 +89,7 @@ def _metadata(pairs: list[str]) -> dict[str, str]:
 def _submit(args: argparse.Namespace, settings: Settings) -> api.BatchHandle:
     return api.submit(args.input, model=args.model, sampling=_sampling(args), system_prompt=args.system,
                       metadata=_metadata(args.metadata), completion_window=args.completion_window,
-                      settings=settings)
+                      settings=settings, **classify_cli.api_kwargs(args))
 
 
 def _wait(handle: api.BatchHandle) -> Any:

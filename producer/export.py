@@ -60,6 +60,10 @@ def write(session: Session, batch_id: str, out: Path, errors: Path | None, fmt: 
     """Write atomically: the files appear complete or not at all."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if session.get(Batch, batch_id).kind == "classify":  # type: ignore[union-attr]
+        from producer import classify_export  # it imports this module
+
+        return classify_export.write(session, batch_id, out, errors, fmt)
     batch_model = session.get(Batch, batch_id).model  # type: ignore[union-attr]
     counts = Counts()
     with ExitStack() as stack:

@@ -53,11 +53,12 @@ def create_batch(
 
 
 def _store(settings: Settings, batch_id: str, input_file: str, model: str, sampling: SamplingParams,
-           system_prompt: str | None, metadata: dict[str, Any], items: list[ParsedItem], window_s: int) -> None:
+           system_prompt: str | None, metadata: dict[str, Any], items: list[ParsedItem], window_s: int,
+           kind: str = "generate", params: dict[str, Any] | None = None) -> None:
     now = utcnow()
     batch = Batch(
-        id=batch_id, kind="generate", endpoint=items[0].endpoint, model=model,
-        params={"sampling": sampling.model_dump(), "system_prompt": system_prompt},
+        id=batch_id, kind=kind, endpoint=items[0].endpoint, model=model,
+        params=params if params is not None else {"sampling": sampling.model_dump(), "system_prompt": system_prompt},
         status=BatchStatus.in_progress, input_file=input_file, metadata_=metadata, errors=[],
         total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
         completion_window_s=window_s, expires_at=now + timedelta(seconds=window_s), expired=0,

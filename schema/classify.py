@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schema.errors import InputError
 
 CLASSIFY_ENDPOINT = "/v1/classify"  # gristmill's own: OpenAI's batch API has no classification endpoint
 MAX_LABEL_CHARS = 200
 MAX_LABELS = 200
-DEFAULT_INSTRUCTION = "Classify the text."
 
 # score: every label scored as a continuation of the prompt; choice: guided generation among the
 # labels; head: the model is a sequence-classification model and scores its own labels.
@@ -35,7 +34,8 @@ def check_labels(labels: list[str]) -> list[str]:
     seen: set[str] = set()
     for position, label in enumerate(labels, 1):
         if not isinstance(label, str):
-            raise ValueError(f"label {position} is not a string (got {label!r})")  # YAML: yes -> True
+            # ValueError, not TypeError: pydantic reports only ValueErrors as validation errors
+            raise ValueError(f"label {position} is not a string (got {label!r})")  # noqa: TRY004
         if not label.strip():
             raise ValueError(f"label {position} is empty")
         if label != label.strip():
@@ -96,6 +96,12 @@ class ClassifySpec(BaseModel):
     @classmethod
     def _valid_labels(cls, labels: list[str] | None) -> list[str] | None:
         return None if labels is None else check_labels(labels)
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> ClassifySpec:
+        if self.multi_label and self.method == "choice":
+            raise ValueError("multi-label scores each label on its own: use method 'score', not 'choice'")
+        return self
 
     @field_validator("instruction")
     @classmethod

@@ -42,6 +42,7 @@ class ClassifyItem:
     request: ClassifyRequest
     body: dict[str, Any]  # the line verbatim, for audit
     endpoint: str = CLASSIFY_ENDPOINT
+    error: str | None = None  # as ParsedItem; every valid classification line can run
 
 
 def parse_classify_input(path: str | Path, spec: ClassifySpec, *, max_line_bytes: int, max_items: int,
