@@ -32,6 +32,9 @@ class NullEngine:
     def has_unfinished(self) -> bool:
         return bool(self._done)
 
+    def healthy(self) -> bool:
+        return True
+
     def abort(self, keys: list[str]) -> None:
         self._done = [(k, r) for k, r in self._done if k not in set(keys)]
 

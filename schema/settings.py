@@ -54,7 +54,7 @@ def get_settings() -> Settings:
     return Settings()
 
 
-_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z0-9+.\-]+://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@", re.I)
+_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z0-9+.\-]+://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@", re.IGNORECASE)
 
 
 def redact(url: str) -> str:

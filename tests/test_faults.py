@@ -31,8 +31,8 @@ from schema.states import TERMINAL_ITEM, BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
 from tests.conftest import PG_ADMIN, cli_env
 
-FAST_RECOVERY = dict(chunk_size=8, chunk_time_limit_s=15, visibility_timeout_s=60, reconcile_interval_s=2,
-                     requeue_grace_s=3, max_attempts=2)
+FAST_RECOVERY = {"chunk_size": 8, "chunk_time_limit_s": 30, "visibility_timeout_s": 60, "reconcile_interval_s": 2,
+                 "requeue_grace_s": 3, "max_attempts": 2}
 
 
 class Workers:
@@ -100,6 +100,11 @@ def submit(settings: Settings, path: Path, max_tokens: int = 24, **kwargs: objec
 def results(settings: Settings) -> int:
     with get_sessionmaker(settings.database_url)() as session:
         return session.scalar(select(func.count()).select_from(Result)) or 0
+
+
+def running(settings: Settings) -> int:
+    with get_sessionmaker(settings.database_url)() as session:
+        return session.scalar(select(func.count()).select_from(Item).where(Item.status == ItemStatus.running)) or 0
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, workers: Workers | None = None) -> None:
@@ -259,13 +264,15 @@ def test_cancel_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: 
 
 
 def test_expire_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    handle = submit(fault_settings, docs(tmp_path, 96), completion_window="20s")
     workers.start()
+    warmup = submit(fault_settings, docs(tmp_path, 1))
+    assert warmup.wait(timeout=240).status == BatchStatus.completed  # the engine is loaded
+    handle = submit(fault_settings, docs(tmp_path, 192), max_tokens=32, completion_window="8s")
     info = handle.wait(timeout=180)
     assert info.status == BatchStatus.expired, workers.logs()
-    time.sleep(5)  # chunks that were running when it expired finish and keep their results
-    statuses = assert_consistent(fault_settings, handle.id)
-    assert statuses.get("expired", 0) > 0 and statuses.get("succeeded", 0) > 0
+    wait_until(lambda: running(fault_settings) == 0, 120, "chunks running at expiry did not finish", workers)
+    statuses = assert_consistent(fault_settings, handle.id)  # they kept their results
+    assert statuses.get("expired", 0) > 0 and statuses.get("succeeded", 0) > 0, statuses
 
 
 class _Exploit:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -61,8 +62,10 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[_Submission | _Call | None] = queue.SimpleQueue()
         self._owners: dict[str, tuple[_Submission, int]] = {}
         self._closing = False
+        self._dead = False
         self._thread = threading.Thread(target=self._drive, name="engine-loop", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
 
     def submit(self, requests: list[GenerationRequest]) -> Future[list[GenerationResult]]:
         if not self.alive:
@@ -93,7 +96,21 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._dead
+
+    def _watch(self, every_s: float = 1.0) -> None:
+        """An engine process that dies leaves the driver blocked in step(): notice it from outside."""
+        while self._thread.is_alive() and not self._closing:
+            time.sleep(every_s)
+            if not self._closing and not self.engine.healthy():
+                self._dead = True
+                log.error("the engine process died")
+                for submission, _ in list(self._owners.values()):  # the driver is stuck: no race on results
+                    if not submission.future.done():
+                        submission.future.set_exception(EngineError("the engine process died"))
+                if self.on_failure:
+                    self.on_failure()
+                return
 
     def close(self) -> None:
         self._closing = True
@@ -105,15 +122,25 @@ class EngineLoop:
             while not self._closing:
                 self._take(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
-                    for key, result in self.engine.step():
-                        owner = self._owners.pop(key, None)
-                        if owner:
-                            owner[0].settle(owner[1], result)
+                    self._step()
         except Exception as exc:  # the engine died: every waiting chunk must hear it, not hang
             log.exception("engine loop stopped")
             self._fail_all(EngineError(f"engine failed: {type(exc).__name__}: {exc}"))
             if self.on_failure:
                 self.on_failure()
+
+    def _step(self) -> None:
+        try:
+            finished = self.engine.step()
+        except EngineError as exc:  # the engine refused this step but lives on: fail what was in it
+            log.warning("engine step failed: %s", exc)
+            self.engine.abort(list(self._owners))
+            self._fail_owners(exc)
+            return
+        for key, result in finished:
+            owner = self._owners.pop(key, None)
+            if owner:
+                owner[0].settle(owner[1], result)
 
     def _take(self, block: bool) -> None:
         """Move every waiting submission into the engine; wait for one only when the engine is idle."""
@@ -143,11 +170,14 @@ class EngineLoop:
             for key in abandoned:
                 self._owners.pop(key)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_owners(self, error: Exception) -> None:
         for submission, _ in list(self._owners.values()):
             if not submission.future.done():
                 submission.future.set_exception(error)
         self._owners.clear()
+
+    def _fail_all(self, error: Exception) -> None:
+        self._fail_owners(error)
         while True:
             try:
                 pending = self._inbox.get_nowait()

@@ -57,7 +57,8 @@ def current() -> Runtime:
 def stop() -> None:
     global _current
     if _current is not None:
-        _current.loop.close()
+        if _current.loop.alive:
+            _current.loop.close()
         _current.engine.close()
         _current = None
 

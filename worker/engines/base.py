@@ -35,6 +35,10 @@ class Engine(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
+    def healthy(self) -> bool:
+        """False once the engine cannot make progress any more (its process died)."""
+        ...
+
     def abort(self, keys: list[str]) -> None: ...
 
     # Classification (worker.classify). Call from the thread that steps the engine (EngineLoop.call).

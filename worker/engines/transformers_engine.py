@@ -100,6 +100,9 @@ class TransformersEngine:
     def has_unfinished(self) -> bool:
         return bool(self._pending)
 
+    def healthy(self) -> bool:
+        return self._model is not None  # runs in this process: alive as long as the worker is
+
     def abort(self, keys: list[str]) -> None:
         for key in keys:
             self._pending.pop(key, None)

@@ -180,14 +180,28 @@ class VLLMEngine:
     def abort(self, keys: list[str]) -> None:
         self._require_llm().llm_engine.abort_request(keys)
 
+    def healthy(self) -> bool:
+        """False once an engine process has died: vLLM's step would then wait forever."""
+        return all(process.is_alive() for process in self._processes())
+
+    def _processes(self) -> list[multiprocessing.Process]:
+        if self._llm is None:
+            return []
+        manager = getattr(getattr(self._llm.llm_engine.engine_core, "resources", None), "engine_manager", None)
+        return list(getattr(manager, "processes", []))
+
     def close(self) -> None:
         """Stop the EngineCore child process; `LLM` itself has no shutdown method in vLLM 0.32."""
+        processes = self._processes()
         llm, self._llm = self._llm, None
         if llm is None:
             return
         core = llm.llm_engine.engine_core
-        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
-        processes = list(getattr(manager, "processes", []))
+        if not all(process.is_alive() for process in processes):  # a dead engine cannot shut down politely
+            for process in processes:
+                process.kill()
+                process.join(timeout=SHUTDOWN_TIMEOUT_S)
+            return
         # Past the timeout vLLM kills the EngineCore; the default 5 s is shorter than its teardown.
         core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
         for process in processes:
