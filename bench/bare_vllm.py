@@ -1,4 +1,4 @@
-"""Run (a): bare `vllm.LLM.generate` over every prompt at once, the ceiling. Prints one JSON line."""
+"""Run (a): bare `vllm.LLM.generate` over every prompt at once, the ceiling. Writes JSON to $BENCH_RESULT."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def main() -> None:
     import torch
     import vllm
     from transformers import AutoTokenizer
+    from vllm.inputs import TokensPrompt
 
     lines = [json.loads(line) for line in args.input.read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(args.model_folder)
-    prompts = [vllm.inputs.TokensPrompt(prompt_token_ids=list(tokenizer.apply_chat_template(
+    prompts = [TokensPrompt(prompt_token_ids=list(tokenizer.apply_chat_template(
         line["body"]["messages"], add_generation_prompt=True, tokenize=True, return_dict=False))) for line in lines]
     params = [vllm.SamplingParams(max_tokens=line["body"]["max_tokens"], temperature=0) for line in lines]
     began = time.perf_counter()
@@ -33,7 +34,8 @@ def main() -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - began
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(json.dumps({"requests": len(lines), "output_tokens": tokens, "seconds": seconds, "engine_start_s": start_s}))
+    Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(
+        {"requests": len(lines), "output_tokens": tokens, "seconds": seconds, "engine_start_s": start_s}))
     llm.llm_engine.engine_core.shutdown()
 
 

@@ -1,7 +1,8 @@
 """Run (b): vLLM's own batch runner (`vllm run-batch`), timed without its engine start-up.
 
 It calls the runner's `run_batch` coroutine on an engine client built exactly as its `main` does, so
-the clock covers reading the file, running every request and writing the output. Prints one JSON line.
+the clock covers reading the file, running every request and writing the output. Writes JSON to
+$BENCH_RESULT.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 async def timed(args) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -35,10 +37,11 @@ def main() -> None:
     sys.argv = ["run_batch", *sys.argv[1:]]
     args = runner.parse_args()
     timing = asyncio.run(timed(args))
-    lines = [json.loads(line) for line in open(args.output_file)]
+    lines = [json.loads(line) for line in Path(args.output_file).read_text().splitlines()]
     tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines if line.get("response"))
     errors = sum(1 for line in lines if line.get("error"))
-    print(json.dumps({"requests": len(lines), "errors": errors, "output_tokens": tokens, **timing}))
+    Path(os.environ["BENCH_RESULT"]).write_text(
+        json.dumps({"requests": len(lines), "errors": errors, "output_tokens": tokens, **timing}))
 
 
 if __name__ == "__main__":

@@ -24,25 +24,29 @@ from pathlib import Path
 from typing import Any
 
 from bench import prompts
-from bench.services import REPO, env_for, fresh_services, wait_for, worker_process
+from bench.services import REPO, env_for, fresh_services, worker_process
 from schema.settings import Settings
 
 
-def _json_line(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
+def _json_result(cmd: list[str], workdir: Path) -> dict[str, Any]:
+    """Run a measuring script; it writes its figures to $BENCH_RESULT (vLLM logs to stdout)."""
+    result = workdir / "result.json"
+    env = {**os.environ, "BENCH_RESULT": str(result), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(result.read_text())
 
 
-def run_bare(batch: Path, folder: Path) -> dict[str, Any]:
-    return _json_line([sys.executable, "-m", "bench.bare_vllm", str(batch), "--model-folder", str(folder)])
+def run_bare(batch: Path, folder: Path, workdir: Path) -> dict[str, Any]:
+    return _json_result([sys.executable, "-m", "bench.bare_vllm", str(batch), "--model-folder", str(folder)],
+                        workdir)
 
 
 def run_vllm_batch(batch: Path, folder: Path, workdir: Path) -> dict[str, Any]:
-    return _json_line([sys.executable, "-m", "bench.run_batch_timed", "-i", str(batch), "-o",
-                       str(workdir / "run_batch_out.jsonl"), "--model", str(folder), "--max-model-len", "2048",
-                       "--dtype", "bfloat16", "--enforce-eager", "--disable-log-stats"])
+    return _json_result([sys.executable, "-m", "bench.run_batch_timed", "-i", str(batch), "-o",
+                         str(workdir / "run_batch_out.jsonl"), "--model", str(folder), "--max-model-len", "2048",
+                         "--dtype", "bfloat16", "--enforce-eager", "--disable-log-stats"], workdir)
 
 
 def run_gristmill_distributed(batch: Path, workdir: Path) -> dict[str, Any]:
@@ -128,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gristmill-bench-") as tmp:
         workdir = Path(tmp)
         batch = prompts.write(lines, workdir / "batch.jsonl")
-        steps = {"a": lambda: run_bare(batch, folder), "b": lambda: run_vllm_batch(batch, folder, workdir),
+        steps = {"a": lambda: run_bare(batch, folder, workdir), "b": lambda: run_vllm_batch(batch, folder, workdir),
                  "c": lambda: run_gristmill_distributed(batch, workdir),
                  "d": lambda: run_naive(lines[:naive_n], workdir), "e": lambda: run_embedded(batch, workdir)}
         for key in args.runs:

@@ -19,6 +19,8 @@ from schema.states import ItemStatus
 from schema.tables import Batch, Item, Result
 
 FORMATS = ("jsonl", "csv")
+ERROR_CODES = {ItemStatus.failed: "item_failed", ItemStatus.cancelled: "batch_cancelled",
+               ItemStatus.expired: "batch_expired"}
 CSV_COLUMNS = ["custom_id", "status", "output_text", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
 
 
@@ -50,9 +52,9 @@ def _line(row: Row[Any], batch_model: str) -> OutputLine | None:
             prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
             created=epoch(row.created_at) or 0, line_id=f"batch_req_{row.id}",
         )
-    if row.status in (ItemStatus.failed, ItemStatus.cancelled):
-        code = "cancelled" if row.status == ItemStatus.cancelled else "item_failed"
-        return error_line(row.custom_id, code, row.last_error or row.status, line_id=f"batch_req_{row.id}")
+    if row.status in ERROR_CODES:
+        return error_line(row.custom_id, ERROR_CODES[row.status], row.last_error or row.status,
+                          line_id=f"batch_req_{row.id}")
     return None
 
 
@@ -89,7 +91,7 @@ def write(session: Session, batch_id: str, out: Path, errors: Path | None, fmt: 
 def _csv_writer(out_file: IO[str], err_file: IO[str], fmt: str):  # type: ignore[no-untyped-def]
     if fmt != "csv":
         return None
-    writers = {id(f): csv.DictWriter(f, CSV_COLUMNS) for f in {id(out_file): out_file, id(err_file): err_file}.values()}
+    writers = {id(f): csv.DictWriter(f, CSV_COLUMNS) for f in (out_file, err_file)}  # one if they are the same
     for w in writers.values():
         w.writeheader()
 

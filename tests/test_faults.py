@@ -273,6 +273,10 @@ def test_expire_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: 
     wait_until(lambda: running(fault_settings) == 0, 120, "chunks running at expiry did not finish", workers)
     statuses = assert_consistent(fault_settings, handle.id)  # they kept their results
     assert statuses.get("expired", 0) > 0 and statuses.get("succeeded", 0) > 0, statuses
+    out = tmp_path / "out.jsonl"
+    counts = handle.results(out)
+    assert (counts.succeeded, counts.failed, counts.pending) == (statuses["succeeded"], statuses["expired"], 0)
+    assert '"batch_expired"' in out.read_text()
 
 
 class _Exploit:

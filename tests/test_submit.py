@@ -112,7 +112,7 @@ def test_simple_format_and_cancel(db_url: str, settings_for, tmp_path: Path) -> 
     counts = handle.results(out)
     assert (counts.succeeded, counts.failed) == (0, 130)
     first = json.loads(out.read_text().splitlines()[0])
-    assert first["custom_id"] == "d0" and first["error"]["code"] == "cancelled"
+    assert first["custom_id"] == "d0" and first["error"]["code"] == "batch_cancelled"
 
 
 def test_bulk_insert_round_trips(pg_url: str, settings_for, tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def _split(runtime: Runtime, batch_id: str, claimed: list[store.Claimed]) -> dic
     with sessions(runtime)() as session, session.begin():
         store.release(session, ids, "chunk split to isolate a failing item", refund_attempt=True)
     half = len(ids) // 2
-    model = runtime.settings.model
+    model = runtime.engine.model_name  # the queue this worker consumes
     send_chunks(runtime.settings, batch_id, model, ids[:half])
     send_chunks(runtime.settings, batch_id, model, ids[half:])
     log.warning("batch %s: split a chunk of %d items that failed before", batch_id, len(ids))

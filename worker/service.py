@@ -66,8 +66,6 @@ def _reconcile_every(settings: Settings) -> None:
 
 def _stop_when(condition: Callable[[], bool], poll_s: float = 0.5) -> None:
     """Ask for a warm shutdown (the same path as SIGTERM) once the condition holds."""
-    stop = threading.Event()
-    while not stop.wait(poll_s):
-        if condition():
-            _shut_down()
-            return
+    while not condition():
+        time.sleep(poll_s)
+    _shut_down()

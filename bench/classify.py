@@ -1,0 +1,148 @@
+"""Classification: accuracy and documents/s of calibrated label scoring, uncalibrated scoring and
+guided choice, on the labelled review sentences in shared/data/amazon_sentiment.tsv.
+
+    python -m bench.classify [--quick] [--json PATH] [--engine vllm|transformers] [--half even|odd]
+
+All three methods run the same prompt (the instruction below, then the sentence) on the same loaded
+engine, each over every document in one call, as worker.classify does for a chunk. Before the timed
+runs each method runs once on a few other documents, so start-up costs (kernel warm-up, grammar
+compilation) are not charged to whichever method happens to run first. The calibrated run starts
+with no cached prior: estimating it (three content-free inputs) is part of its time.
+Target: calibrated accuracy >= 0.82 and calibrated docs/s >= guided-choice docs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schema.classify import ClassifyRequest
+from schema.settings import Settings
+from worker import calibration
+from worker.classify import classify
+from worker.engines import load_engine
+from worker.engines.base import Engine
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_sentiment.tsv"
+MODEL = "smollm2-135m-instruct"
+LABELS = ["positive", "negative"]
+INSTRUCTION = "What is the sentiment of this review?"
+QUICK_DOCS = 100
+# Warm-up documents of our own, so no timed document is ever in a cache beforehand.
+WARMUP = [(f"Review {i}: the {thing} {verdict}.", label) for i, (thing, verdict, label) in enumerate([
+    ("case", "fits well", "positive"), ("charger", "stopped working", "negative"),
+    ("headset", "sounds clear", "positive"), ("battery", "drains fast", "negative")] * 4)]
+METHODS = {  # name -> what the request asks for
+    "calibrated scoring": {"method": "score", "calibrate": True},
+    "uncalibrated scoring": {"method": "score", "calibrate": False},
+    "guided choice": {"method": "choice", "calibrate": False},
+}
+
+
+@dataclass
+class Run:
+    method: str
+    docs: int
+    seconds: float
+    accuracy: float
+    failed: int
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds
+
+
+def load(path: Path = DATA) -> list[tuple[str, str]]:
+    """(sentence, label) pairs; the file's 1 is positive, 0 negative."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            text, gold = line.rsplit("\t", 1)
+            rows.append((text, LABELS[0] if gold.strip() == "1" else LABELS[1]))
+    return rows
+
+
+def requests(rows: list[tuple[str, str]], instruction: str, **spec: Any) -> list[ClassifyRequest]:
+    return [ClassifyRequest(text=text, labels=LABELS, instruction=instruction, **spec) for text, _ in rows]
+
+
+def measure(engine: Engine, name: str, rows: list[tuple[str, str]], instruction: str) -> Run:
+    batch = requests(rows, instruction, **METHODS[name])
+    calibration.clear_priors()
+    _reset_prefix_cache(engine)
+    started = time.perf_counter()
+    results = classify(engine, batch)
+    seconds = time.perf_counter() - started
+    right = sum(1 for r, (_, gold) in zip(results, rows, strict=True)
+                if r.classification is not None and r.classification.label == gold)
+    return Run(name, len(rows), seconds, right / len(rows), sum(1 for r in results if r.error))
+
+
+def _reset_prefix_cache(engine: Engine) -> None:
+    """Every method starts from an empty vLLM prefix cache: they all send the same prompts."""
+    llm = getattr(engine, "_llm", None)  # VLLMEngine's vllm.LLM; transformers keeps no cache across calls
+    if llm is not None:
+        llm.reset_prefix_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.classify", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"the first {QUICK_DOCS} documents only")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    parser.add_argument("--half", choices=["even", "odd"], help="only the even or odd lines (tuning / checking)")
+    parser.add_argument("--instruction", default=INSTRUCTION)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    args = parser.parse_args(argv)
+
+    rows = load()
+    if args.half:
+        rows = rows[0::2] if args.half == "even" else rows[1::2]
+    rows = rows[:QUICK_DOCS] if args.quick else rows
+    engine = load_engine(MODEL, args.engine, Settings())
+    try:
+        names = [m.strip() for m in args.methods.split(",")]
+        for name in names:
+            measure(engine, name, WARMUP, args.instruction)
+        runs = [measure(engine, name, rows, args.instruction) for name in names]
+    finally:
+        engine.close()
+    report = summary(runs, args)
+    print(table(runs, report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def summary(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
+    by_name = {run.method: run for run in runs}
+    ratio = None
+    if "calibrated scoring" in by_name and "guided choice" in by_name:
+        ratio = by_name["calibrated scoring"].docs_per_s / by_name["guided choice"].docs_per_s
+    return {
+        "model": MODEL, "engine": args.engine, "instruction": args.instruction, "labels": LABELS,
+        "documents": runs[0].docs if runs else 0, "half": args.half,
+        "runs": {run.method: {"accuracy": run.accuracy, "docs_per_s": run.docs_per_s, "seconds": run.seconds,
+                              "failed": run.failed} for run in runs},
+        "ratio_calibrated_over_guided_docs_per_s": ratio,
+        "targets": {"calibrated_accuracy": 0.82, "ratio": 1.0},
+    }
+
+
+def table(runs: list[Run], report: dict[str, Any]) -> str:
+    lines = [f"{report['engine']}, {MODEL}, {report['documents']} documents, instruction {report['instruction']!r}",
+             f"{'method':<22} {'accuracy':>9} {'docs/s':>8} {'seconds':>8} {'failed':>7}"]
+    lines += [f"{r.method:<22} {r.accuracy:>9.3f} {r.docs_per_s:>8.2f} {r.seconds:>8.1f} {r.failed:>7}" for r in runs]
+    if report["ratio_calibrated_over_guided_docs_per_s"] is not None:
+        lines.append(f"calibrated docs/s over guided-choice docs/s: "
+                     f"{report['ratio_calibrated_over_guided_docs_per_s']:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
+    raise SystemExit(main())
