@@ -26,6 +26,12 @@ def _load_engine(**_: Any) -> None:
     _engine = load_engine(os.environ.get("GRISTMILL_MODEL", "smollm2-135m-instruct"), "vllm")
 
 
+@signals.worker_shutdown.connect
+def _close_engine(**_: Any) -> None:
+    if _engine is not None:
+        _engine.close()
+
+
 @app.task(name="naive.generate")
 def generate(messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
     from schema.jobs import GenerationRequest, SamplingParams

@@ -57,14 +57,20 @@ def worker_process(settings: Settings, engine: str, log: Path) -> Iterator[subpr
     try:
         yield proc
     finally:
-        tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        for child in psutil.wait_procs(tree, timeout=30)[1]:
-            child.kill()
+        stop_tree(proc)
+
+
+def stop_tree(proc: subprocess.Popen[bytes], grace_s: float = 60) -> None:
+    """SIGTERM (a warm shutdown), then SIGKILL for whatever of the process tree is still there."""
+    tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for child in psutil.wait_procs(tree, timeout=10)[1]:
+        child.kill()
 
 
 def wait_for(condition, timeout: float, what: str, poll_s: float = 0.05) -> None:  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import prompts
-from bench.services import REPO, env_for, fresh_services, worker_process
+from bench.services import REPO, env_for, fresh_services, stop_tree, worker_process
 from schema.settings import Settings
 
 
@@ -46,7 +46,8 @@ def run_bare(batch: Path, folder: Path, workdir: Path) -> dict[str, Any]:
 def run_vllm_batch(batch: Path, folder: Path, workdir: Path) -> dict[str, Any]:
     return _json_result([sys.executable, "-m", "bench.run_batch_timed", "-i", str(batch), "-o",
                          str(workdir / "run_batch_out.jsonl"), "--model", str(folder), "--max-model-len", "2048",
-                         "--dtype", "bfloat16", "--enforce-eager", "--disable-log-stats"], workdir)
+                         "--dtype", "bfloat16", "--enforce-eager", "--disable-log-stats",
+                         "--served-model-name", Settings().model], workdir)
 
 
 def run_gristmill_distributed(batch: Path, workdir: Path) -> dict[str, Any]:
@@ -84,8 +85,7 @@ def run_naive(lines: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
         outputs = [r.get(timeout=7200) for r in results]
         seconds = time.perf_counter() - began
     finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+        stop_tree(proc)
     return {"requests": len(lines), "output_tokens": sum(o["completion_tokens"] for o in outputs), "seconds": seconds}
 
 
@@ -138,6 +138,8 @@ def main() -> None:
         for key in args.runs:
             print(f"running ({key}) {RUNS[key]} ...", file=sys.stderr, flush=True)
             result = steps[key]()
+            if result.get("errors") or result.get("failed"):
+                raise RuntimeError(f"run ({key}) had failed requests: {result}")
             result["tokens_per_s"] = result["output_tokens"] / result["seconds"]
             runs[key] = {"name": RUNS[key], **result}
     report = {"requests": n, "machine": _machine(), "runs": runs, "ratios": _ratios(runs)}
