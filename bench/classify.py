@@ -4,10 +4,12 @@ guided choice, on the labelled review sentences in shared/data/amazon_sentiment.
     python -m bench.classify [--quick] [--json PATH] [--engine vllm|transformers] [--half even|odd]
 
 All three methods run the same prompt (the instruction below, then the sentence) on the same loaded
-engine, each over every document in one call, as worker.classify does for a chunk. Before the timed
-runs each method runs once on a few other documents, so start-up costs (kernel warm-up, grammar
-compilation) are not charged to whichever method happens to run first. The calibrated run starts
-with no cached prior: estimating it (three content-free inputs) is part of its time.
+engine, each over every document in one call to worker.classify (what a worker does per chunk).
+Before the timed runs each method runs once on 128 synthetic documents, so warm-up (kernels for
+larger batch shapes, grammar compilation) is not charged to whichever method runs first; then two
+timed rounds, the second in reverse order, so drifting machine load evens out. Every run starts from
+an empty prefix cache and, for calibrated scoring, with no cached prior: estimating it (three
+content-free inputs) is part of its time.
 Target: calibrated accuracy >= 0.82 and calibrated docs/s >= guided-choice docs/s.
 """
 
@@ -32,10 +34,13 @@ MODEL = "smollm2-135m-instruct"
 LABELS = ["positive", "negative"]
 INSTRUCTION = "What is the sentiment of this review?"
 QUICK_DOCS = 100
-# Warm-up documents of our own, so no timed document is ever in a cache beforehand.
-WARMUP = [(f"Review {i}: the {thing} {verdict}.", label) for i, (thing, verdict, label) in enumerate([
-    ("case", "fits well", "positive"), ("charger", "stopped working", "negative"),
-    ("headset", "sounds clear", "positive"), ("battery", "drains fast", "negative")] * 4)]
+# Warm-up documents of our own (none is timed, so no timed document is ever cached beforehand), as many
+# as a full engine step holds, so that the first timed method does not pay for warming larger shapes.
+WARMUP = [(f"Review {i}: the {thing} {verdict}, and " + "I used it every day for a while. " * (i % 4), label)
+          for i, (thing, verdict, label) in enumerate([
+              ("case", "fits well", "positive"), ("charger", "stopped working", "negative"),
+              ("headset", "sounds clear", "positive"), ("battery", "drains fast", "negative")] * 32)]
+ROUNDS = 2  # timed rounds; the second runs the methods in reverse order, so drift in load evens out
 METHODS = {  # name -> what the request asks for
     "calibrated scoring": {"method": "score", "calibrate": True},
     "uncalibrated scoring": {"method": "score", "calibrate": False},
@@ -72,7 +77,7 @@ def requests(rows: list[tuple[str, str]], instruction: str, **spec: Any) -> list
 
 def measure(engine: Engine, name: str, rows: list[tuple[str, str]], instruction: str) -> Run:
     batch = requests(rows, instruction, **METHODS[name])
-    calibration.clear_priors()
+    calibration.clear_priors()  # the calibrated run pays for estimating its prior
     _reset_prefix_cache(engine)
     started = time.perf_counter()
     results = classify(engine, batch)
@@ -80,6 +85,18 @@ def measure(engine: Engine, name: str, rows: list[tuple[str, str]], instruction:
     right = sum(1 for r, (_, gold) in zip(results, rows, strict=True)
                 if r.classification is not None and r.classification.label == gold)
     return Run(name, len(rows), seconds, right / len(rows), sum(1 for r in results if r.error))
+
+
+def rounds(engine: Engine, names: list[str], rows: list[tuple[str, str]], instruction: str,
+           count: int) -> list[Run]:
+    """Each method `count` times, alternating the order; one Run per method with the summed time
+    (the answers are deterministic: every round gives the same accuracy)."""
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for round_ in range(count):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            runs[name].append(measure(engine, name, rows, instruction))
+    return [Run(name, sum(r.docs for r in done), sum(r.seconds for r in done), done[0].accuracy,
+                done[0].failed) for name, done in runs.items()]
 
 
 def _reset_prefix_cache(engine: Engine) -> None:
@@ -108,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         names = [m.strip() for m in args.methods.split(",")]
         for name in names:
             measure(engine, name, WARMUP, args.instruction)
-        runs = [measure(engine, name, rows, args.instruction) for name in names]
+        runs = rounds(engine, names, rows, args.instruction, 1 if args.quick else ROUNDS)
     finally:
         engine.close()
-    report = summary(runs, args)
+    report = summary(runs, rows, args)
     print(table(runs, report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -119,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summary(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
+def summary(runs: list[Run], rows: list[tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
     by_name = {run.method: run for run in runs}
     ratio = None
     if "calibrated scoring" in by_name and "guided choice" in by_name:
         ratio = by_name["calibrated scoring"].docs_per_s / by_name["guided choice"].docs_per_s
     return {
         "model": MODEL, "engine": args.engine, "instruction": args.instruction, "labels": LABELS,
-        "documents": runs[0].docs if runs else 0, "half": args.half,
+        "documents": len(rows), "rounds": 1 if args.quick else ROUNDS, "half": args.half,
         "runs": {run.method: {"accuracy": run.accuracy, "docs_per_s": run.docs_per_s, "seconds": run.seconds,
                               "failed": run.failed} for run in runs},
         "ratio_calibrated_over_guided_docs_per_s": ratio,
@@ -135,7 +152,8 @@ def summary(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(runs: list[Run], report: dict[str, Any]) -> str:
-    lines = [f"{report['engine']}, {MODEL}, {report['documents']} documents, instruction {report['instruction']!r}",
+    lines = [(f"{report['engine']}, {MODEL}, {report['documents']} documents x {report['rounds']} timed rounds, "
+              f"instruction {report['instruction']!r}"),
              f"{'method':<22} {'accuracy':>9} {'docs/s':>8} {'seconds':>8} {'failed':>7}"]
     lines += [f"{r.method:<22} {r.accuracy:>9.3f} {r.docs_per_s:>8.2f} {r.seconds:>8.1f} {r.failed:>7}" for r in runs]
     if report["ratio_calibrated_over_guided_docs_per_s"] is not None:

@@ -50,3 +50,9 @@ def cached_prior(key: Hashable, estimate: Callable[[], list[float]]) -> list[flo
         while len(_priors) > MAX_PRIORS:
             _priors.popitem(last=False)
     return prior
+
+
+def clear_priors() -> None:
+    """Forget every cached prior (benchmarks time the estimate; tests start clean)."""
+    with _lock:
+        _priors.clear()

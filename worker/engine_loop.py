@@ -14,7 +14,7 @@ from collections.abc import Callable
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -49,9 +49,20 @@ class _Call:
         if not self.future.set_running_or_notify_cancel():
             return  # its caller gave up before it ran
         try:
-            self.future.set_result(self.fn())
+            result = self.fn()
         except Exception as exc:  # noqa: BLE001  # the caller's failure, not the loop's: the engine runs on
-            self.future.set_exception(exc)
+            self.fail(exc)
+        else:
+            try:
+                self.future.set_result(result)
+            except InvalidStateError:  # the watchdog failed it already: its engine died under it
+                pass
+
+    def fail(self, error: BaseException) -> None:
+        try:
+            self.future.set_exception(error)
+        except InvalidStateError:  # settled already (the watchdog, or the call itself): first one wins
+            pass
 
 
 class EngineLoop:
@@ -63,6 +74,7 @@ class EngineLoop:
         self._owners: dict[str, tuple[_Submission, int]] = {}
         self._closing = False
         self._dead = False
+        self._calling: _Call | None = None  # the call the driver is in, for the watchdog
         self._thread = threading.Thread(target=self._drive, name="engine-loop", daemon=True)
         self._thread.start()
         threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
@@ -108,6 +120,8 @@ class EngineLoop:
                 for submission, _ in list(self._owners.values()):  # the driver is stuck: no race on results
                     if not submission.future.done():
                         submission.future.set_exception(EngineError("the engine process died"))
+                if self._calling is not None:  # a classification call stuck in the dead engine
+                    self._calling.fail(EngineError("the engine process died"))
                 if self.on_failure:
                     self.on_failure()
                 return
@@ -154,7 +168,9 @@ class EngineLoop:
                 self._drop_abandoned()
                 continue
             if isinstance(submission, _Call):
+                self._calling = submission
                 submission.run()
+                self._calling = None
                 continue
             for index, request in enumerate(submission.requests):
                 added = self.engine.add(request)

@@ -90,6 +90,9 @@ class TransformersHeadEngine:
     def has_unfinished(self) -> bool:
         return False
 
+    def healthy(self) -> bool:
+        return self._model is not None  # runs in this process: alive as long as the worker is
+
     def abort(self, keys: list[str]) -> None:
         pass
 

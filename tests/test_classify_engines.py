@@ -1,0 +1,277 @@
+"""Classification on the real engines and the real default model (no mocks): label scoring against
+full forward passes, the two engines agreeing, calibration, guided choice, multi-label, and
+classification heads built and saved by the test itself."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from schema.classify import Classification, ClassifyRequest
+from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
+from schema.settings import Settings
+from worker import calibration, classify_prompt
+from worker.classify import ClassifyResult, classify
+from worker.engine_loop import EngineLoop
+from worker.engines import Engine, load_engine
+from worker.engines.hf_head import TransformersHeadEngine
+from worker.engines.labels import LabelQuery, tokenize
+from worker.engines.transformers_engine import TransformersEngine
+from worker.engines.vllm_engine import VLLMEngine
+from worker.engines.vllm_head import VLLMHeadEngine
+
+MODEL = "smollm2-135m-instruct"
+ENGINE_NAMES = ["transformers", "vllm"]
+TICKET = LabelQuery([ChatMessage(role="user", content="Which team should handle this ticket?\n"
+                                                       "I was charged twice on my last invoice.")],
+                    ["billing", "billing question", "technical problem", "sales"])
+SENTIMENT = "What is the sentiment of this review?"
+REVIEWS = [  # (text, gold) from shared/data/amazon_sentiment.tsv
+    ("Great for the jawbone.", "positive"),
+    ("The mic is great.", "positive"),
+    ("Good case, Excellent value.", "positive"),
+    ("Tied to charger for conversations lasting more than 45 minutes.MAJOR PROBLEMS!!", "negative"),
+    ("I have to jiggle the plug to get it to line up right to get decent volume.", "negative"),
+    ("If you are Razr owner...you must have this!", "positive"),
+]
+# Probabilities from the two engines may differ this much: both run bf16, with different kernels.
+TOLERANCE = 0.06
+
+
+def reviews(**spec: Any) -> list[ClassifyRequest]:
+    return [ClassifyRequest(text=text, labels=["positive", "negative"], instruction=SENTIMENT, **spec)
+            for text, _ in REVIEWS]
+
+
+@pytest.fixture(scope="module")
+def transformers_engine() -> Iterator[TransformersEngine]:
+    engine = load_engine(MODEL, "transformers", Settings())
+    assert isinstance(engine, TransformersEngine)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine() -> Iterator[VLLMEngine]:
+    engine = load_engine(MODEL, "vllm", Settings())
+    assert isinstance(engine, VLLMEngine)
+    yield engine
+    engine.close()
+
+
+def get_engine(request: pytest.FixtureRequest, name: str) -> Engine:
+    return request.getfixturevalue(f"{name}_engine")
+
+
+@pytest.fixture(autouse=True)
+def fresh_priors() -> Iterator[None]:
+    calibration.clear_priors()
+    yield
+    calibration.clear_priors()
+
+
+# --- label scoring --------------------------------------------------------------------------------
+
+
+def full_pass_logprobs(engine: TransformersEngine, query: LabelQuery) -> list[float]:
+    """The reference: each label appended to the prompt and run from scratch, one sequence at a time."""
+    tokens = tokenize(engine._tokenizer, query, engine.max_model_len)
+    assert not isinstance(tokens, str)
+    totals = []
+    for continuation in tokens.continuations:
+        ids = torch.tensor([tokens.prompt + continuation])
+        with torch.inference_mode():
+            logprobs = engine._model(input_ids=ids).logits[0].float().log_softmax(-1)
+        start = len(tokens.prompt) - 1  # the row that predicts the label's first token
+        totals.append(sum(float(logprobs[start + k, t]) for k, t in enumerate(continuation)))
+    return totals
+
+
+@pytest.mark.parametrize("name", ENGINE_NAMES)
+def test_multi_token_labels_score_as_full_passes(request: pytest.FixtureRequest, name: str,
+                                                 transformers_engine: TransformersEngine) -> None:
+    [scored] = get_engine(request, name).label_logprobs([TICKET])
+    assert scored.error is None and scored.prompt_tokens > 10
+    assert [len(t) for t in scored.token_logprobs] == [3, 3, 2, 2]  # "billing" + end of turn: 3 tokens
+    assert scored.totals == pytest.approx(full_pass_logprobs(transformers_engine, TICKET), abs=0.3)
+    # "billing" and "billing question" share their first two tokens, so those logprobs are identical
+    assert scored.token_logprobs[0][:2] == scored.token_logprobs[1][:2]
+
+
+def test_engines_agree_on_label_logprobs(transformers_engine: TransformersEngine,
+                                         vllm_engine: VLLMEngine) -> None:
+    queries = [TICKET, classify_prompt.single_label(reviews()[0], ["positive", "negative"])]
+    for hf, vl in zip(transformers_engine.label_logprobs(queries), vllm_engine.label_logprobs(queries)):
+        assert hf.prompt_tokens == vl.prompt_tokens
+        assert hf.totals == pytest.approx(vl.totals, abs=0.3)
+
+
+@pytest.mark.parametrize("name", ENGINE_NAMES)
+def test_too_long_text_fails_alone(request: pytest.FixtureRequest, name: str) -> None:
+    requests = [ClassifyRequest(text="word " * 3000, labels=["a", "b"]), *reviews()[:1]]
+    too_long, fine = classify(get_engine(request, name), requests)
+    assert too_long.error is not None and "context" in too_long.error and too_long.classification is None
+    assert fine.error is None and fine.classification is not None
+
+
+# --- calibration, guided choice, multi-label: both engines, same answers -----------------------
+
+
+def answer_of(result: ClassifyResult) -> Classification:
+    assert result.error is None and result.classification is not None, result.error
+    return result.classification
+
+
+def assert_same(first: list[Any], second: list[Any]) -> None:
+    for a, b in zip(first, second, strict=True):
+        assert a.error is None and b.error is None
+        assert answer_of(a).label == answer_of(b).label
+        for label, p in answer_of(a).probabilities.items():
+            assert p == pytest.approx(answer_of(b).probabilities[label], abs=TOLERANCE)
+
+
+def test_engines_agree_on_calibrated_and_raw_probabilities(transformers_engine: TransformersEngine,
+                                                           vllm_engine: VLLMEngine) -> None:
+    for spec in ({"calibrate": True}, {"calibrate": False}):
+        hf, vl = classify(transformers_engine, reviews(**spec)), classify(vllm_engine, reviews(**spec))
+        assert_same(hf, vl)
+        assert sum(answer_of(r).label == gold for r, (_, gold) in zip(hf, REVIEWS)) >= 5
+        for result in hf:
+            answer = answer_of(result)
+            assert answer.method == "score" and answer.calibrated is spec["calibrate"]
+            assert sum(answer.probabilities.values()) == pytest.approx(1.0)
+            assert answer.raw_probabilities is not None and result.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("name", ENGINE_NAMES)
+def test_calibration_divides_out_the_content_free_prior(request: pytest.FixtureRequest, name: str) -> None:
+    engine = get_engine(request, name)
+    [result] = classify(engine, reviews()[:1])
+    answer = answer_of(result)
+    assert answer.raw_probabilities is not None
+    queries = [classify_prompt.single_label(reviews()[0], ["positive", "negative"], text)
+               for text in classify_prompt.CONTENT_FREE]
+    prior = calibration.average([calibration.normalise(s.totals) for s in engine.label_logprobs(queries)])
+    raw = list(answer.raw_probabilities.values())
+    assert list(answer.probabilities.values()) == pytest.approx(calibration.calibrate(raw, prior), abs=1e-6)
+    assert abs(prior[0] - 0.5) > 0.02  # the model leans one way whatever the text: what calibration removes
+
+
+def test_engines_agree_on_guided_choice(transformers_engine: TransformersEngine, vllm_engine: VLLMEngine) -> None:
+    hf, vl = classify(transformers_engine, reviews(method="choice")), classify(vllm_engine, reviews(method="choice"))
+    assert [answer_of(r).label for r in hf] == [answer_of(r).label for r in vl]
+    for result in hf + vl:
+        answer = answer_of(result)
+        assert answer.method == "choice" and not answer.calibrated and answer.raw_probabilities is None
+        assert sorted(answer.probabilities.values()) == [0.0, 1.0]
+        assert result.completion_tokens == 2  # the label's one token, then the end of turn
+    [ticket_hf], [ticket_vl] = transformers_engine.choose([TICKET]), vllm_engine.choose([TICKET])
+    assert ticket_hf.label == ticket_vl.label and ticket_hf.label in TICKET.labels
+
+
+def test_engines_agree_on_multi_label(transformers_engine: TransformersEngine, vllm_engine: VLLMEngine) -> None:
+    topics = [ClassifyRequest(text="The battery died after a week and support never answered my emails.",
+                              labels=["battery", "customer support", "price"], multi_label=True,
+                              instruction="Which topics does this review mention?", threshold=0.55)]
+    [hf], [vl] = classify(transformers_engine, topics), classify(vllm_engine, topics)
+    for answer in (answer_of(hf), answer_of(vl)):
+        assert answer.method == "score" and answer.calibrated
+        assert answer.labels == [label for label, p in answer.probabilities.items() if p >= 0.55]
+        assert all(0.0 < p < 1.0 for p in answer.probabilities.values())  # each label on its own, yes or no
+    hf_labels, vl_labels = answer_of(hf).labels or [], answer_of(vl).labels or []
+    for label, p in answer_of(hf).probabilities.items():
+        assert p == pytest.approx(answer_of(vl).probabilities[label], abs=TOLERANCE)
+        if abs(p - 0.55) > TOLERANCE:  # the engines may only split on a label at the threshold itself
+            assert (label in hf_labels) == (label in vl_labels)
+
+
+# --- the engine loop: classification on the driver thread, generation untouched ----------------
+
+
+def test_classification_runs_on_the_loop_thread_beside_generation(vllm_engine: VLLMEngine) -> None:
+    loop = EngineLoop(vllm_engine)
+    try:
+        story = GenerationRequest(prompt="Once upon a time", sampling=SamplingParams(max_tokens=24))
+        generating = loop.submit([story])
+        threads: list[str] = []
+
+        def labelled() -> list[Any]:
+            threads.append(threading.current_thread().name)
+            return classify(vllm_engine, reviews()[:2])
+
+        labels = loop.call(labelled).result(timeout=300)
+        [generated] = generating.result(timeout=300)
+        assert threads == ["engine-loop"]
+        assert [answer_of(r).label for r in labels] == ["positive", "positive"]
+        assert generated.error is None and generated.completion_tokens == 24  # not lost to the classify call
+        with pytest.raises(ZeroDivisionError):
+            loop.call(lambda: 1 / 0).result(timeout=60)
+        assert loop.alive  # a failing call fails its caller, not the loop
+    finally:
+        loop.close()
+
+
+# --- classification heads ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_model(tmp_path_factory: pytest.TempPathFactory, transformers_engine: TransformersEngine) -> Path:
+    """A tiny randomly initialised Llama classifier with the default model's tokenizer, saved as a
+    Hugging Face folder (head_dim 64: vLLM's CPU attention has no kernel for smaller heads)."""
+    folder = tmp_path_factory.mktemp("tiny-classifier")
+    tokenizer = transformers_engine._tokenizer
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         id2label={0: "negative", 1: "neutral", 2: "positive"},
+                         label2id={"negative": 0, "neutral": 1, "positive": 2}, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model: Any = LlamaForSequenceClassification(config)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def heads(head_model: Path) -> Iterator[tuple[TransformersHeadEngine, VLLMHeadEngine]]:
+    hf, vl = load_engine(str(head_model), "transformers"), load_engine(str(head_model), "vllm")
+    assert isinstance(hf, TransformersHeadEngine) and isinstance(vl, VLLMHeadEngine)
+    yield hf, vl
+    hf.close()
+    vl.close()
+
+
+def test_heads_load_through_the_engine_loader_and_agree(heads: tuple[TransformersHeadEngine, VLLMHeadEngine]) -> None:
+    texts = [ClassifyRequest(text=text) for text, _ in REVIEWS]
+    hf, vl = (classify(engine, texts) for engine in heads)
+    assert_same(hf, vl)
+    for engine in heads:
+        assert engine.head_labels == ["negative", "neutral", "positive"]
+    for result in hf:
+        answer = answer_of(result)
+        assert answer.method == "head" and not answer.calibrated
+        assert list(answer.probabilities) == ["negative", "neutral", "positive"]
+        assert sum(answer.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_heads_refuse_what_they_cannot_do(heads: tuple[TransformersHeadEngine, VLLMHeadEngine]) -> None:
+    for engine in heads:
+        other, multi, long = classify(engine, [
+            ClassifyRequest(text="x", labels=["cat", "dog"]),
+            ClassifyRequest(text="x", multi_label=True),
+            ClassifyRequest(text="word " * 600),
+        ])
+        assert "classifies into" in (other.error or "")
+        assert "multi-label" in (multi.error or "")
+        assert "context is 512" in (long.error or "")
+        [generated] = engine.generate([GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=2))])
+        assert generated.error is not None and "cannot generate" in generated.error

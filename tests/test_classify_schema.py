@@ -1,0 +1,223 @@
+"""Classification without an engine: labels, labels files, input lines, output lines, calibration math,
+and the token rules both engines share (on the real model's tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from producer.classify_submit import classify_spec
+from schema.classify import ClassifyRequest, ClassifySpec, check_labels, load_labels_file, split_labels
+from schema.classify_inputs import parse_classify_input
+from schema.classify_outputs import ClassifyOutputLine, classified_line, failed_line
+from schema.errors import InputError
+from worker import calibration
+from worker.engines.labels import continuation_ids, end_token_id, greedy_walk
+from worker.models import resolve_model
+
+LIMITS: dict[str, Any] = {"max_line_bytes": 10_000, "max_items": 100}
+
+
+# --- labels --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (["positive"], "at least two labels"),
+    ([], "at least two labels"),
+    (["a", "b", "a"], "duplicate label 'a'"),
+    (["a", ""], "label 2 is empty"),
+    (["a", "   "], "label 2 is empty"),
+    (["a", " b"], "leading or trailing whitespace"),
+])
+def test_bad_labels_are_refused_with_a_reason(labels: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_labels(labels)
+    with pytest.raises(InputError, match=message):
+        classify_spec(labels)
+
+
+def test_split_labels_from_the_command_line() -> None:
+    assert split_labels("positive, negative") == ["positive", "negative"]
+    assert split_labels("billing question,technical problem") == ["billing question", "technical problem"]
+    assert split_labels("a,,b") == ["a", "", "b"]  # the empty one is then refused
+    assert split_labels("") == []
+
+
+def test_labels_file_list_or_mapping(tmp_path: Path) -> None:
+    listed = tmp_path / "labels.yaml"
+    listed.write_text("- billing question\n- technical problem\n- sales\n")
+    assert load_labels_file(listed) == ["billing question", "technical problem", "sales"]
+    mapped = tmp_path / "mapped.yaml"
+    mapped.write_text("labels: [spam, ham]\n")
+    assert load_labels_file(mapped) == ["spam", "ham"]
+
+
+def test_labels_file_that_does_not_parse_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "labels.yaml"
+    bad.write_text("- billing\n- [unclosed\n- sales\n")
+    with pytest.raises(InputError, match=r"labels\.yaml:\d+: labels file is not valid YAML"):
+        load_labels_file(bad)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("just a string\n", "expected a list of labels"),
+    ("- yes\n- no\n", "quote such labels"),  # YAML 1.1 reads them as booleans
+    ("- a\n- a\n", "duplicate label"),
+    ("- only\n", "at least two labels"),
+])
+def test_labels_file_content_is_checked(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "labels.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_labels_file(path)
+
+
+def test_missing_labels_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot read labels file"):
+        load_labels_file(tmp_path / "nope.yaml")
+
+
+def test_spec_rejects_multi_label_guided_choice_and_bad_thresholds() -> None:
+    with pytest.raises(InputError, match="multi-label"):
+        classify_spec(["a", "b"], method="choice", multi_label=True)
+    with pytest.raises(InputError, match="threshold"):
+        classify_spec(["a", "b"], multi_label=True, threshold=1.5)
+    assert ClassifySpec(labels=["a", "b"], instruction="  ").instruction is None
+
+
+# --- input lines ---------------------------------------------------------------------------------
+
+
+def write_lines(tmp_path: Path, *lines: object) -> Path:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_lines_take_the_batch_labels_or_their_own(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, {"id": "a", "text": "Great."},
+                       {"custom_id": "b", "text": "Invoice wrong.", "labels": ["billing", "other"]})
+    spec = ClassifySpec(labels=["positive", "negative"], instruction="Sentiment?", calibrate=False)
+    first, second = parse_classify_input(path, spec, **LIMITS)
+    assert (first.custom_id, first.line, first.request.labels) == ("a", 1, ["positive", "negative"])
+    assert (second.custom_id, second.request.labels) == ("b", ["billing", "other"])
+    assert first.request.calibrate is False and first.request.instruction == "Sentiment?"
+    stored = ClassifyRequest.model_validate(second.request.model_dump(exclude_none=True))
+    assert stored == second.request  # what items.request holds reads back the same
+
+
+@pytest.mark.parametrize(("line", "where", "message"), [
+    ({"id": "a", "text": "x", "labels": ["one"]}, "2: field 'labels'", "at least two labels"),
+    ({"id": "a", "text": "x", "labels": ["p", "p"]}, "2: field 'labels'", "duplicate label"),
+    ({"id": "a", "text": ""}, "2: field 'text'", "at least 1 character"),
+    ({"text": "x"}, "2: field 'custom_id'", "required"),
+    ({"id": "z", "text": "x"}, "2: field 'custom_id'", "duplicate custom_id 'z'"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}, "2:", "not OpenAI batch"),
+    ("{not json", "2:", "not valid JSON"),
+])
+def test_a_bad_line_names_its_line(tmp_path: Path, line: object, where: str, message: str) -> None:
+    path = write_lines(tmp_path, {"id": "z", "text": "fine"}, line)
+    with pytest.raises(InputError, match=message) as caught:
+        parse_classify_input(path, ClassifySpec(labels=["p", "n"]), **LIMITS)
+    assert where in str(caught.value)
+
+
+def test_lines_need_labels_from_somewhere(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, {"id": "a", "text": "x"})
+    with pytest.raises(InputError, match="no labels"):
+        parse_classify_input(path, ClassifySpec(), **LIMITS)
+    items = parse_classify_input(path, ClassifySpec(), head_labels=["neg", "pos"], **LIMITS)
+    assert items[0].request.labels is None  # a classification model brings its own
+
+
+def test_a_head_model_refuses_other_labels(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, {"id": "a", "text": "x", "labels": ["cat", "dog"]})
+    with pytest.raises(InputError, match="classifier with labels"):
+        parse_classify_input(path, ClassifySpec(), head_labels=["neg", "pos"], **LIMITS)
+
+
+def test_too_many_lines_and_empty_files(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, *({"id": str(i), "text": "x"} for i in range(3)))
+    with pytest.raises(InputError, match="more than 2 requests"):
+        parse_classify_input(path, ClassifySpec(labels=["p", "n"]), max_line_bytes=1000, max_items=2)
+    empty = write_lines(tmp_path, "")
+    with pytest.raises(InputError, match="no requests"):
+        parse_classify_input(empty, ClassifySpec(labels=["p", "n"]), **LIMITS)
+
+
+# --- output lines --------------------------------------------------------------------------------
+
+
+def test_output_lines_have_exactly_one_outcome() -> None:
+    from schema.classify import Classification
+
+    ok = classified_line("a", Classification(label="p", probabilities={"p": 0.7, "n": 0.3}, method="score",
+                                             calibrated=True, raw_probabilities={"p": 0.9, "n": 0.1}))
+    again = ClassifyOutputLine.model_validate_json(ok.model_dump_json())
+    assert again == ok and again.error is None
+    assert set(json.loads(ok.model_dump_json())) >= {"custom_id", "label", "probabilities", "error"}
+    bad = failed_line("b", "item_failed", "too long")
+    assert bad.label is None and bad.error is not None and bad.error.message == "too long"
+    with pytest.raises(ValueError, match="exactly one"):
+        ClassifyOutputLine(custom_id="c")
+    with pytest.raises(ValueError, match="probability for its label"):
+        ClassifyOutputLine(custom_id="c", label="x", probabilities={"y": 1.0})
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+
+def test_calibration_divides_out_the_prior() -> None:
+    raw = calibration.normalise([math.log(0.8), math.log(0.2)])
+    assert raw == pytest.approx([0.8, 0.2])
+    # A model that says "positive" 90% of the time on content-free input: 0.8 is weak evidence.
+    calibrated = calibration.calibrate(raw, [0.9, 0.1])
+    assert sum(calibrated) == pytest.approx(1.0)
+    assert calibrated[0] < 0.5
+    assert calibration.calibrate([0.5, 0.5], [0.5, 0.5]) == pytest.approx([0.5, 0.5])
+    assert calibration.average([[0.9, 0.1], [0.7, 0.3]]) == pytest.approx([0.8, 0.2])
+    assert calibration.calibrate([0.5, 0.5], [1.0, 0.0])[1] == pytest.approx(1.0)  # no division by zero
+
+
+def test_priors_are_estimated_once_per_key() -> None:
+    calibration.clear_priors()
+    calls: list[int] = []
+
+    def estimate() -> list[float]:
+        calls.append(1)
+        return [0.6, 0.4]
+
+    assert calibration.cached_prior(("k",), estimate) == [0.6, 0.4]
+    assert calibration.cached_prior(("k",), estimate) == [0.6, 0.4]
+    assert len(calls) == 1
+    calibration.clear_priors()
+
+
+# --- token rules on the real tokenizer ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    source = resolve_model("smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+
+
+def test_a_label_that_starts_another_is_scored_with_the_end_of_turn(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    end = end_token_id(tokenizer)
+    billing, question, sales = continuation_ids(tokenizer, ["billing", "billing question", "sales"], end)
+    assert billing[-1] == end and question[: len(billing) - 1] == billing[:-1]
+    assert len(question) > 1 and end not in question  # the full multi-token label, no end token
+    assert end not in sales
+
+
+def test_greedy_walk_follows_the_likeliest_prefix() -> None:
+    labels = [[1, 2], [1, 3], [4]]
+    # token 1 beats token 4, then token 3 beats token 2: the walk reaches label 1
+    assert greedy_walk(labels, [[-0.1, -2.0], [-0.1, -0.5], [-1.0]]) == 1
+    # the walk is greedy: label 2's single token loses to the shared first token even if 1+2 ends lower
+    assert greedy_walk(labels, [[-0.5, -5.0], [-0.5, -5.0], [-0.9]]) in (0, 1)
