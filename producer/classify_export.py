@@ -13,7 +13,7 @@ from typing import IO, Any
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
-from producer.export import FORMATS, Counts, _atomic
+from producer.export import ERROR_CODES, FORMATS, Counts, _atomic
 from schema.classify import Classification
 from schema.classify_outputs import ClassifyOutputLine, classified_line, failed_line
 from schema.states import ItemStatus
@@ -64,9 +64,8 @@ def _line(row: Row[Any]) -> ClassifyOutputLine | None:
         result = Classification(label=row.label, labels=row.labels, probabilities=row.probabilities,
                                 raw_probabilities=row.raw_probabilities, method=row.method, calibrated=row.calibrated)
         return classified_line(row.custom_id, result)
-    if row.status in (ItemStatus.failed, ItemStatus.cancelled, ItemStatus.expired):
-        code = "item_failed" if row.status == ItemStatus.failed else str(row.status)
-        return failed_line(row.custom_id, code, row.last_error or str(row.status))
+    if row.status in ERROR_CODES:
+        return failed_line(row.custom_id, ERROR_CODES[row.status], row.last_error or str(row.status))
     return None
 
 
