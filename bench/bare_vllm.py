@@ -21,14 +21,19 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm.inputs import TokensPrompt
 
+    from worker.engines.vllm_engine import CPU_BLOCK_SIZE
+
     lines = [json.loads(line) for line in args.input.read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(args.model_folder)
     prompts = [TokensPrompt(prompt_token_ids=list(tokenizer.apply_chat_template(
         line["body"]["messages"], add_generation_prompt=True, tokenize=True, return_dict=False))) for line in lines]
     params = [vllm.SamplingParams(max_tokens=line["body"]["max_tokens"], temperature=0) for line in lines]
     began = time.perf_counter()
-    llm = vllm.LLM(model=args.model_folder, dtype="bfloat16", max_model_len=args.max_model_len,
-                   enforce_eager=not torch.cuda.is_available())
+    on_cpu = not torch.cuda.is_available()
+    # The engine options gristmill's VLLMEngine uses (worker/engines/vllm_engine.py), so only the
+    # pipeline differs between the runs.
+    cpu_options = {"enforce_eager": True, "block_size": CPU_BLOCK_SIZE} if on_cpu else {}
+    llm = vllm.LLM(model=args.model_folder, dtype="bfloat16", max_model_len=args.max_model_len, **cpu_options)
     start_s = time.perf_counter() - began
     began = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

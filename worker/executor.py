@@ -71,9 +71,9 @@ def _write(runtime: Runtime, batch_id: str, outcomes: list[store.Outcome], start
     engine, model = runtime.engine.name, runtime.engine.model_name
     with sessions(runtime)() as session, session.begin():  # results, states and counts land together
         eb_id = store.record_engine_batch(session, batch_id, runtime.host, engine, model, outcomes, started, finished)
-        classify_chunk.stage(session, batch_id, outcomes, finished)  # no-op for generation outcomes
-        store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
-                             engine_batch_id=eb_id, started=started, finished=finished)
+        succeeded = store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
+                                         engine_batch_id=eb_id, started=started, finished=finished)
+        classify_chunk.stage(session, batch_id, succeeded, finished)  # no-op for generation outcomes
         store.close_if_done(session, batch_id)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from schema.db import get_sessionmaker, utcnow
@@ -93,14 +93,17 @@ def _return_dead_leases(session: Session) -> dict[tuple[str, str], list[int]]:
 def _queued_without_message(session: Session, settings: Settings,
                             exclude: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], list[int]]:
     cutoff = utcnow() - timedelta(seconds=settings.requeue_grace_s)
+    open_batch = Batch.status.in_([BatchStatus.in_progress, BatchStatus.cancelling])
+    waiting = (Item.status == ItemStatus.queued) & (Item.enqueued_at < cutoff) & open_batch
+    queues = {queue_for(m) for m in session.scalars(select(Batch.model).where(open_batch).distinct())}
+    carried = ids_in_broker(settings, queues) if queues else set()
+    # Fast path, the usual case: the broker carries at least as many ids as SQL has waiting.
+    waiting_count = session.scalar(select(func.count()).select_from(Item).join(Batch).where(waiting)) or 0
+    if waiting_count <= len(carried):
+        return {}
     rows = session.execute(
         select(Item.id, Item.batch_id, Batch.model).join(Batch, Batch.id == Item.batch_id)
-        .where(Item.status == ItemStatus.queued, Item.enqueued_at < cutoff,
-               Batch.status.in_([BatchStatus.in_progress, BatchStatus.cancelling]))
-        .order_by(Item.batch_id, Item.line)).all()
-    if not rows:
-        return {}
-    carried = ids_in_broker(settings, {queue_for(model) for _, _, model in rows})
+        .where(waiting).order_by(Item.batch_id, Item.line)).all()
     carried.update(i for ids in exclude.values() for i in ids)
     orphans: dict[tuple[str, str], list[int]] = {}
     for item_id, batch_id, model in rows:

@@ -8,7 +8,6 @@ The caller owns the transaction (`with session.begin(): ...`).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,33 +88,36 @@ def _insert(session: Session):  # type: ignore[no-untyped-def]
 
 
 def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, engine: str, model: str,
-                   engine_batch_id: int, started: datetime, finished: datetime) -> None:
-    """Upsert results, finish the items and count them; a repeat of the same chunk changes nothing."""
-    ok = [o for o in outcomes if o.error is None]
-    if ok:
-        rows = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
-                 "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
-                 "completion_tokens": o.completion_tokens, "created_at": finished} for o in ok]
-        session.execute(_insert(session)(Result).values(rows).on_conflict_do_nothing(index_elements=["item_id"]))
+                   engine_batch_id: int, started: datetime, finished: datetime) -> list[Outcome]:
+    """Finish the items still running, then store results for exactly those; count them; return the
+    outcomes that succeeded now. A repeat of the same chunk, or a late run of items another worker
+    has taken over, changes nothing."""
     engine_s = (finished - started).total_seconds()
     rows = {o.item.id: _outcome_row(o, started, engine_s) for o in outcomes}
 
     def per_item(field: int):  # type: ignore[no-untyped-def]
         return case({item_id: row[field] for item_id, row in rows.items()}, value=Item.id)
 
-    # One statement for the chunk (per-item values by CASE on the primary key); only items still
-    # running move, and RETURNING says which did.
+    # One statement for the chunk (per-item values by CASE on the primary key); RETURNING says which moved.
     finish = (
         update(Item)
         .where(Item.id.in_(list(rows)), Item.status == ItemStatus.running)
         .values(status=per_item(0), last_error=per_item(1), queue_wait_s=per_item(2), tokens_per_s=per_item(3),
                 finished_at=finished, engine_s=engine_s, engine=engine, model=model,
                 engine_batch_id=engine_batch_id, lease_expires_at=None)
-        .returning(Item.status)
+        .returning(Item.id, Item.status)
         .execution_options(synchronize_session=False)
     )
-    moved = Counter(session.scalars(finish))
-    count(session, batch_id, succeeded=moved.get(ItemStatus.succeeded, 0), failed=moved.get(ItemStatus.failed, 0))
+    moved = dict(session.execute(finish).all())
+    succeeded = [o for o in outcomes if moved.get(o.item.id) == ItemStatus.succeeded]
+    if succeeded:
+        results = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
+                    "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
+                    "completion_tokens": o.completion_tokens, "created_at": finished} for o in succeeded]
+        session.execute(_insert(session)(Result).values(results).on_conflict_do_nothing(index_elements=["item_id"]))
+    failed = sum(1 for status in moved.values() if status == ItemStatus.failed)
+    count(session, batch_id, succeeded=len(succeeded), failed=failed)
+    return succeeded
 
 
 def count(session: Session, batch_id: str, **moved: int) -> None:
