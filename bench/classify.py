@@ -6,10 +6,11 @@ guided choice, on the labelled review sentences in shared/data/amazon_sentiment.
 All three methods run the same prompt (the instruction below, then the sentence) on the same loaded
 engine, each over every document in one call to worker.classify (what a worker does per chunk).
 Before the timed runs each method runs once on 128 synthetic documents, so warm-up (kernels for
-larger batch shapes, grammar compilation) is not charged to whichever method runs first; then two
-timed rounds, the second in reverse order, so drifting machine load evens out. Every run starts from
-an empty prefix cache and, for calibrated scoring, with no cached prior: estimating it (three
-content-free inputs) is part of its time.
+larger batch shapes, grammar compilation) is not charged to whichever method runs first. The timed
+runs go in blocks of 250 documents, the methods taking turns on each block in a rotating order, two
+passes over all documents: machine load from anything else falls on every method alike. Every run
+starts from an empty prefix cache and, for calibrated scoring, with no cached prior: estimating it
+(three content-free inputs) is part of the time of every block, as if each were a new worker.
 Target: calibrated accuracy >= 0.82 and calibrated docs/s >= guided-choice docs/s.
 """
 
@@ -40,7 +41,8 @@ WARMUP = [(f"Review {i}: the {thing} {verdict}, and " + "I used it every day for
           for i, (thing, verdict, label) in enumerate([
               ("case", "fits well", "positive"), ("charger", "stopped working", "negative"),
               ("headset", "sounds clear", "positive"), ("battery", "drains fast", "negative")] * 32)]
-ROUNDS = 2  # timed rounds; the second runs the methods in reverse order, so drift in load evens out
+ROUNDS = 2  # timed passes over the documents
+BLOCK_DOCS = 250  # documents per timed run: about one full engine batch (256 sequences)
 METHODS = {  # name -> what the request asks for
     "calibrated scoring": {"method": "score", "calibrate": True},
     "uncalibrated scoring": {"method": "score", "calibrate": False},
@@ -89,14 +91,21 @@ def measure(engine: Engine, name: str, rows: list[tuple[str, str]], instruction:
 
 def rounds(engine: Engine, names: list[str], rows: list[tuple[str, str]], instruction: str,
            count: int) -> list[Run]:
-    """Each method `count` times, alternating the order; one Run per method with the summed time
-    (the answers are deterministic: every round gives the same accuracy)."""
-    runs: dict[str, list[Run]] = {name: [] for name in names}
+    """Every method over every document `count` times, interleaved: the documents go in blocks, and
+    the methods take turns on each block in a rotating order, so that load from anything else on the
+    machine falls on all methods alike. One Run per method, with the summed time (the answers are
+    deterministic, so the accuracy is the first round's)."""
+    blocks = [rows[start : start + BLOCK_DOCS] for start in range(0, len(rows), BLOCK_DOCS)]
+    done: dict[str, list[Run]] = {name: [] for name in names}
     for round_ in range(count):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            runs[name].append(measure(engine, name, rows, instruction))
-    return [Run(name, sum(r.docs for r in done), sum(r.seconds for r in done), done[0].accuracy,
-                done[0].failed) for name, done in runs.items()]
+        for index, block in enumerate(blocks):
+            turn = (round_ + index) % len(names)
+            for name in names[turn:] + names[:turn]:
+                done[name].append(measure(engine, name, block, instruction))
+    first = len(blocks)  # the first round's runs
+    return [Run(name, sum(r.docs for r in runs), sum(r.seconds for r in runs),
+                sum(r.accuracy * r.docs for r in runs[:first]) / len(rows), sum(r.failed for r in runs[:first]))
+            for name, runs in done.items()]
 
 
 def _reset_prefix_cache(engine: Engine) -> None:

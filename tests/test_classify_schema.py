@@ -184,18 +184,16 @@ def test_calibration_divides_out_the_prior() -> None:
     assert calibration.calibrate([0.5, 0.5], [1.0, 0.0])[1] == pytest.approx(1.0)  # no division by zero
 
 
-def test_priors_are_estimated_once_per_key() -> None:
+def test_priors_are_remembered_least_recently_used_first_out(monkeypatch: pytest.MonkeyPatch) -> None:
     calibration.clear_priors()
-    calls: list[int] = []
-
-    def estimate() -> list[float]:
-        calls.append(1)
-        return [0.6, 0.4]
-
-    assert calibration.cached_prior(("k",), estimate) == [0.6, 0.4]
-    assert calibration.cached_prior(("k",), estimate) == [0.6, 0.4]
-    assert len(calls) == 1
+    monkeypatch.setattr(calibration, "MAX_PRIORS", 2)
+    calibration.remember("a", [0.6, 0.4])
+    calibration.remember("b", [0.5, 0.5])
+    assert calibration.known("a") == [0.6, 0.4]  # now the most recently used
+    calibration.remember("c", [0.1, 0.9])
+    assert calibration.known("b") is None and calibration.known("a") == [0.6, 0.4]
     calibration.clear_priors()
+    assert calibration.known("a") is None
 
 
 # --- token rules on the real tokenizer ----------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 
 MAX_PRIORS = 4096
 
@@ -38,21 +38,24 @@ def calibrate(probabilities: list[float], prior: list[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def cached_prior(key: Hashable, estimate: Callable[[], list[float]]) -> list[float]:
-    """The prior for `key`, estimated on first use and kept (least recently used dropped first)."""
+def known(key: Hashable) -> list[float] | None:
+    """The prior remembered for `key`, or None."""
     with _lock:
-        if key in _priors:
+        prior = _priors.get(key)
+        if prior is not None:
             _priors.move_to_end(key)
-            return _priors[key]
-    prior = estimate()  # outside the lock: it runs the engine
+        return prior
+
+
+def remember(key: Hashable, prior: list[float]) -> None:
+    """Keep `prior` for `key` (the least recently used are dropped past MAX_PRIORS)."""
     with _lock:
         _priors[key] = prior
         while len(_priors) > MAX_PRIORS:
             _priors.popitem(last=False)
-    return prior
 
 
 def clear_priors() -> None:
-    """Forget every cached prior (benchmarks time the estimate; tests start clean)."""
+    """Forget every remembered prior (benchmarks time the estimate; tests start clean)."""
     with _lock:
         _priors.clear()

@@ -4,13 +4,13 @@ multi-label yes/no, or a classification head. Runs on the thread that owns the e
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 from schema.classify import Classification, ClassifyRequest
 from worker import calibration, classify_prompt
 from worker.engines.base import Engine
-from worker.engines.labels import LabelQuery
+from worker.engines.labels import LabelLogprobs, LabelQuery
 
 
 @dataclass
@@ -55,35 +55,60 @@ def _labels(request: ClassifyRequest) -> list[str]:
 
 def _scores(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
     queries = [classify_prompt.single_label(r, _labels(r)) for r in requests]
-    scored = engine.label_logprobs(queries)
+    priors = {_single_key(engine, r): (r, None) for r in requests if r.calibrate}
+    scored = _score_with_priors(engine, queries, priors)
     results = []
     for request, query, score in zip(requests, queries, scored, strict=True):
         if score.error is not None:
             results.append(ClassifyResult(prompt_tokens=score.prompt_tokens, error=score.error))
             continue
         raw = calibration.normalise(score.totals)
-        final = calibration.calibrate(raw, _single_prior(engine, request, query.labels)) if request.calibrate else raw
+        final = _calibrated(raw, _single_key(engine, request)) if request.calibrate else raw
         results.append(ClassifyResult(_answer(query.labels, final, raw, "score", request.calibrate),
                                       score.prompt_tokens))
     return results
 
 
-def _single_prior(engine: Engine, request: ClassifyRequest, labels: list[str]) -> list[float]:
-    key = _prior_key(engine, "single", request.instruction, tuple(labels))
-    queries = [classify_prompt.single_label(request, labels, text) for text in classify_prompt.CONTENT_FREE]
-    return calibration.cached_prior(key, lambda: _prior(engine, queries))
+def _score_with_priors(engine: Engine, queries: list[LabelQuery],
+                       priors: Mapping[Hashable, tuple[ClassifyRequest, str | None]]) -> list[LabelLogprobs]:
+    """The queries' label scores. The content-free queries of each prior not known yet ride along in the
+    same engine call (no extra round trip), and their prior is remembered."""
+    missing = {key: _content_free(request, label) for key, (request, label) in priors.items()
+               if calibration.known(key) is None}
+    extra = [query for content_free in missing.values() for query in content_free]
+    scored = engine.label_logprobs(queries + extra)
+    tail = iter(scored[len(queries):])
+    for key, content_free in missing.items():
+        calibration.remember(key, _prior([next(tail) for _ in content_free], len(content_free[0].labels)))
+    return scored[: len(queries)]
 
 
-def _prior(engine: Engine, queries: list[LabelQuery]) -> list[float]:
-    scored = engine.label_logprobs(queries)
+def _content_free(request: ClassifyRequest, label: str | None) -> list[LabelQuery]:
+    """The request's prompt with each content-free text; `label`: the multi-label yes/no question."""
+    labels = _labels(request)
+    if label is None:
+        return [classify_prompt.single_label(request, labels, text) for text in classify_prompt.CONTENT_FREE]
+    return [classify_prompt.yes_no(request, labels, label, text) for text in classify_prompt.CONTENT_FREE]
+
+
+def _prior(scored: list[LabelLogprobs], size: int) -> list[float]:
     usable = [calibration.normalise(s.totals) for s in scored if s.error is None]
-    if not usable:  # cannot happen for short content-free texts unless labels overflow the context
-        return [1.0 / len(queries[0].labels)] * len(queries[0].labels)
+    if not usable:  # only when the labels alone overflow the context: then nothing is divided out
+        return [1.0 / size] * size
     return calibration.average(usable)
 
 
-def _prior_key(engine: Engine, kind: str, *parts: Hashable) -> Hashable:
-    return (engine.name, engine.model_name, kind, *parts)
+def _calibrated(raw: list[float], key: Hashable) -> list[float]:
+    prior = calibration.known(key)
+    return calibration.calibrate(raw, prior) if prior is not None else raw
+
+
+def _single_key(engine: Engine, request: ClassifyRequest) -> Hashable:
+    return (engine.name, engine.model_name, "single", request.instruction, tuple(_labels(request)))
+
+
+def _yes_no_key(engine: Engine, request: ClassifyRequest, label: str) -> Hashable:
+    return (engine.name, engine.model_name, "yes_no", request.instruction, tuple(_labels(request)), label)
 
 
 def _answer(labels: list[str], final: list[float], raw: list[float] | None, method: str,
@@ -99,7 +124,8 @@ def _answer(labels: list[str], final: list[float], raw: list[float] | None, meth
 
 def _multi_label(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
     queries = [classify_prompt.yes_no(r, _labels(r), label) for r in requests for label in _labels(r)]
-    scored = iter(engine.label_logprobs(queries))
+    priors = {_yes_no_key(engine, r, label): (r, label) for r in requests if r.calibrate for label in _labels(r)}
+    scored = iter(_score_with_priors(engine, queries, priors))
     results = []
     for request in requests:
         labels = _labels(request)
@@ -109,19 +135,12 @@ def _multi_label(engine: Engine, requests: list[ClassifyRequest]) -> list[Classi
             results.append(ClassifyResult(prompt_tokens=failed.prompt_tokens, error=failed.error))
             continue
         raw = [calibration.normalise(a.totals)[0] for a in answers]  # P(yes) against P(no)
-        final = [_calibrated_yes(engine, request, labels, label, p) if request.calibrate else p
+        final = [_calibrated([p, 1.0 - p], _yes_no_key(engine, request, label))[0] if request.calibrate else p
                  for label, p in zip(labels, raw, strict=True)]
         answer = _answer(labels, final, raw, "score", request.calibrate)
         answer.labels = [label for label, p in zip(labels, final, strict=True) if p >= request.threshold]
         results.append(ClassifyResult(answer, sum(a.prompt_tokens for a in answers)))
     return results
-
-
-def _calibrated_yes(engine: Engine, request: ClassifyRequest, labels: list[str], label: str, p_yes: float) -> float:
-    key = _prior_key(engine, "yes_no", request.instruction, tuple(labels), label)
-    queries = [classify_prompt.yes_no(request, labels, label, text) for text in classify_prompt.CONTENT_FREE]
-    prior = calibration.cached_prior(key, lambda: _prior(engine, queries))
-    return calibration.calibrate([p_yes, 1.0 - p_yes], prior)[0]
 
 
 # --- guided choice and classification heads --------------------------------------------------
