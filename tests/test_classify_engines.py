@@ -91,7 +91,8 @@ def full_pass_logprobs(engine: TransformersEngine, query: LabelQuery) -> list[fl
     for continuation in tokens.continuations:
         ids = torch.tensor([tokens.prompt + continuation])
         with torch.inference_mode():
-            logprobs = engine._model(input_ids=ids).logits[0].float().log_softmax(-1)
+            model: Any = engine._model
+            logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
         start = len(tokens.prompt) - 1  # the row that predicts the label's first token
         totals.append(sum(float(logprobs[start + k, t]) for k, t in enumerate(continuation)))
     return totals
@@ -163,7 +164,7 @@ def test_calibration_divides_out_the_content_free_prior(request: pytest.FixtureR
                for text in classify_prompt.CONTENT_FREE]
     prior = calibration.average([calibration.normalise(s.totals) for s in engine.label_logprobs(queries)])
     remembered = calibration.known(_single_key(engine, reviews()[0]))  # estimated beside the document
-    assert remembered == pytest.approx(prior, abs=TOLERANCE)
+    assert remembered is not None and remembered == pytest.approx(prior, abs=TOLERANCE)
     raw = list(answer.raw_probabilities.values())
     assert list(answer.probabilities.values()) == pytest.approx(calibration.calibrate(raw, remembered), abs=1e-9)
     assert abs(prior[0] - 0.5) > 0.02  # the model leans one way whatever the text: what calibration removes

@@ -27,7 +27,7 @@ from worker.models import resolve_model
 from worker.runtime import Runtime
 
 SENTIMENT = "What is the sentiment of this review?"
-LINES = [
+LINES: list[dict[str, object]] = [
     {"id": "r1", "text": "Great for the jawbone."},
     {"id": "r2", "text": "Tied to charger for conversations lasting more than 45 minutes.MAJOR PROBLEMS!!"},
     {"id": "r3", "text": "The mic is great."},
