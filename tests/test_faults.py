@@ -154,6 +154,28 @@ def test_two_workers_one_killed(fault_settings: Settings, workers: Workers, tmp_
     assert assert_consistent(fault_settings, handle.id) == {"succeeded": 64}
 
 
+def test_sigterm_ends_in_flight_chunks_once(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
+    """SIGTERM mid-batch: the worker takes no new chunk, ends those it runs (each item once, results
+    in SQL), exits 0; the chunks it never started wait for the next worker, which finishes the batch."""
+    worker = workers.start()
+    handle = submit(fault_settings, docs(tmp_path, n=64), max_tokens=32)
+    wait_until(lambda: running(fault_settings) > 0, 300, "no chunk running", workers)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=180) == 0, workers.logs()
+    with get_sessionmaker(fault_settings.database_url)() as session:
+        after_stop = dict(session.execute(select(Item.id, Item.status).where(Item.batch_id == handle.id)).all())
+    assert ItemStatus.running not in after_stop.values(), "a chunk was left running"
+    ran = {i for i, status in after_stop.items() if status == ItemStatus.succeeded}
+    assert ran, "the chunks in flight did not finish"
+    assert ItemStatus.queued in after_stop.values(), "the worker kept taking chunks after SIGTERM"
+    workers.start()
+    assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
+    assert assert_consistent(fault_settings, handle.id) == {ItemStatus.succeeded: 64}
+    with get_sessionmaker(fault_settings.database_url)() as session:
+        attempts = dict(session.execute(select(Item.id, Item.attempts).where(Item.id.in_(ran))).all())
+    assert set(attempts.values()) == {1}, "an item finished before SIGTERM ran again"
+
+
 def test_engine_process_killed(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
     """SIGKILL vLLM's engine process only: the worker hands its chunks back and exits non-zero, so a
     supervisor restarts it; the restarted worker finishes the batch."""
