@@ -21,7 +21,7 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm.inputs import TokensPrompt
 
-    from worker.engines.vllm_engine import CPU_BLOCK_SIZE
+    from worker.engines.vllm_engine import CPU_BLOCK_SIZE, vllm_dtype
 
     lines = [json.loads(line) for line in args.input.read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(args.model_folder)
@@ -33,7 +33,7 @@ def main() -> None:
     # The engine options gristmill's VLLMEngine uses (worker/engines/vllm_engine.py), so only the
     # pipeline differs between the runs.
     cpu_options = {"enforce_eager": True, "block_size": CPU_BLOCK_SIZE} if on_cpu else {}
-    llm = vllm.LLM(model=args.model_folder, dtype="bfloat16", max_model_len=args.max_model_len, **cpu_options)
+    llm = vllm.LLM(model=args.model_folder, dtype=vllm_dtype(), max_model_len=args.max_model_len, **cpu_options)
     start_s = time.perf_counter() - began
     began = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

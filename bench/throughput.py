@@ -26,7 +26,7 @@ from typing import Any
 from bench import prompts
 from bench.services import REPO, env_for, fresh_services, stop_tree, worker_process
 from schema.settings import Settings
-from worker.engines.vllm_engine import CPU_BLOCK_SIZE
+from worker.engines.vllm_engine import CPU_BLOCK_SIZE, vllm_dtype
 
 
 def _json_result(cmd: list[str], workdir: Path) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def run_bare(batch: Path, folder: Path, workdir: Path) -> dict[str, Any]:
 def run_vllm_batch(batch: Path, folder: Path, workdir: Path) -> dict[str, Any]:
     return _json_result([sys.executable, "-m", "bench.run_batch_timed", "-i", str(batch), "-o",
                          str(workdir / "run_batch_out.jsonl"), "--model", str(folder), "--max-model-len", "2048",
-                         "--dtype", "bfloat16", "--enforce-eager", "--disable-log-stats",
+                         "--dtype", vllm_dtype(), "--enforce-eager", "--disable-log-stats",
                          "--block-size", str(CPU_BLOCK_SIZE),
                          "--served-model-name", Settings().model], workdir)
 

@@ -33,6 +33,15 @@ DEFAULT_CPU_KVCACHE_GIB = "2"
 SHUTDOWN_TIMEOUT_S = 15.0
 CPU_BLOCK_SIZE = 32  # tokens per KV-cache block on the CPU; vLLM's CPU backend wants multiples of 32
 
+
+def vllm_dtype() -> str:
+    """bf16, except on a CPU with AMX: there vLLM (0.32) runs bf16 attention through its AMX kernel,
+    whose greedy answers came out garbled here ("capital of France?" -> "L'Étoile, la Marseillaise, la
+    femme, ..."), while float16 takes the AVX-512 kernel and answers "The capital of France is Paris."."""
+    if not torch.cuda.is_available() and torch.cpu._is_amx_tile_supported():
+        return "float16"
+    return "bfloat16"
+
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
@@ -70,7 +79,7 @@ class VLLMEngine:
             raise EngineError(
                 "vLLM cannot start in a daemonic process (Celery prefork): use -P solo or threads"
             )
-        options: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": self.max_model_len}
+        options: dict[str, Any] = {"dtype": vllm_dtype(), "max_model_len": self.max_model_len}
         if self.on_cpu:
             # Read by the EngineCore child at start-up; it inherits our environment.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
