@@ -135,3 +135,16 @@ class Classification(Base):
     method: Mapped[str] = mapped_column(String(16))  # score | choice | head
     calibrated: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class Worker(Base):
+    """A running `gristmill worker`: what its engine can take at once, so producers size chunks to fit."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # the Celery hostname: name-pid@host
+    model: Mapped[str] = mapped_column(String(512), index=True)
+    engine: Mapped[str] = mapped_column(String(32))
+    max_num_seqs: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    seen_at: Mapped[datetime] = mapped_column(Timestamp)  # heartbeat: a worker unseen for long is gone

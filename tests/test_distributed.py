@@ -17,9 +17,10 @@ from sqlalchemy import func, select
 
 from schema.db import get_sessionmaker
 from schema.outputs import OutputLine
-from schema.tables import Result
+from schema.tables import Result, Worker
 from tests.conftest import REPO, cli_env, gristmill
 from worker.celery_app import RUN_CHUNK, app, broker_options, queue_for
+from worker.dispatch import chunk_size, fitting_chunk_size
 
 QUESTIONS = REPO / "examples" / "questions.jsonl"
 
@@ -76,10 +77,18 @@ def test_worker_on_redis_and_postgres(pg_url: str, redis_url: str, settings_for,
         _redeliver_first_chunk(settings, batch_id, pg_url)
         with get_sessionmaker(pg_url)() as session:
             assert session.scalar(select(func.count()).select_from(Result)) == 16
+        # the worker reported its engine's capacity, so producers cut chunks to fit it
+        assert chunk_size(settings, settings.model) == fitting_chunk_size(vllm_capacity(pg_url)) == 128
     finally:
         leftovers = stop_worker(worker)
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    assert vllm_capacity(pg_url) is None, "a stopped worker stayed in the workers table"
     assert leftovers == [], "the vLLM engine process outlived its worker"
+
+
+def vllm_capacity(url: str) -> int | None:
+    with get_sessionmaker(url)() as session:
+        return session.scalar(select(Worker.max_num_seqs).where(Worker.engine == "vllm"))
 
 
 def _redeliver_first_chunk(settings, batch_id: str, pg_url: str) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from schema.db import get_sessionmaker, upgrade
 from schema.errors import EngineError
 from schema.settings import Settings
+from worker.dispatch import FALLBACK_CHUNK_SIZE, fitting_chunk_size
 from worker.engine_loop import EngineLoop
 from worker.engines import load_engine
 from worker.engines.base import Engine
@@ -26,10 +27,13 @@ class Runtime:
 
     @property
     def inflight_chunks(self) -> int:
-        """Chunks run at once: by default enough that the engine always has a full batch waiting."""
+        """Chunks run at once: by default enough that the engine always has a full batch waiting, even
+        when the chunks were cut to the fallback size before this worker reported its capacity."""
         if self.settings.inflight_chunks:
             return self.settings.inflight_chunks
-        return max(2, math.ceil(self.engine.max_num_seqs / self.settings.chunk_size) + 1)
+        seqs = self.engine.max_num_seqs
+        chunk = self.settings.chunk_size or min(fitting_chunk_size(seqs), FALLBACK_CHUNK_SIZE)
+        return max(2, math.ceil(seqs / chunk) + 1)
 
 
 _current: Runtime | None = None

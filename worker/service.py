@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from schema.errors import EngineError
 from schema.settings import Settings
-from worker import runtime
+from worker import registry, runtime
 from worker.celery_app import configure, queue_for
 from worker.reconciler import reconcile
 
@@ -32,12 +32,13 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     log.info("engine %s loaded %s in %.1f s; %d chunks in flight", rt.engine.name, model,
              rt.engine_start_s, rt.inflight_chunks)
     app = configure(settings.model_copy(update={"model": model}))
+    worker_id = f"gristmill-{os.getpid()}@{socket.gethostname()}"
     worker = app.Worker(
         pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model)], loglevel=loglevel,
-        hostname=f"gristmill-{os.getpid()}@{socket.gethostname()}",
-        without_mingle=True, without_gossip=True,
+        hostname=worker_id, without_mingle=True, without_gossip=True,
     )
-    threading.Thread(target=_reconcile_every, args=(settings,), name="reconciler", daemon=True).start()
+    registry.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs)
+    threading.Thread(target=_reconcile_every, args=(settings, worker_id), name="reconciler", daemon=True).start()
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()
     try:
@@ -45,6 +46,7 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
         if not rt.loop.alive:  # exit non-zero so a supervisor restarts the worker with a fresh engine
             raise EngineError("the engine failed; in-flight chunks went back to the queue")
     finally:
+        registry.unregister(settings, worker_id)
         runtime.stop()
     return rt
 
@@ -54,10 +56,12 @@ def _shut_down() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _reconcile_every(settings: Settings) -> None:
-    """At start and then periodically: requeue what no one holds, expire overdue batches."""
+def _reconcile_every(settings: Settings, worker_id: str) -> None:
+    """At start and then periodically: say this worker is alive, requeue what no one holds, expire
+    overdue batches."""
     while True:
         try:
+            registry.heartbeat(settings, worker_id)
             reconcile(settings)
         except Exception:  # the broker or database is away; the next round tries again
             log.exception("reconciling failed")
