@@ -42,6 +42,8 @@ def send_chunks(settings: Settings, batch_id: str, model: str, item_ids: list[in
     # An explicit connection, not the app's pool: a process may talk to several brokers (tests do).
     with app.connection_for_write(url, transport_options=options) as conn, conn.Producer() as producer:
         for chunk in batched(item_ids, size):
-            app.send_task(RUN_CHUNK, args=[batch_id, chunk], queue=queue_for(model), producer=producer)
+            # A short argsrepr: Celery would otherwise repr every id into the message headers.
+            app.send_task(RUN_CHUNK, args=[batch_id, chunk], queue=queue_for(model), producer=producer,
+                          argsrepr=f"[{batch_id!r}, <{len(chunk)} item ids from {chunk[0]}>]")
             sent += 1
     return sent

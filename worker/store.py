@@ -114,7 +114,8 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
         results = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
                     "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
                     "completion_tokens": o.completion_tokens, "created_at": finished} for o in succeeded]
-        session.execute(_insert(session)(Result).values(results).on_conflict_do_nothing(index_elements=["item_id"]))
+        # executemany, not one multi-row VALUES: its SQL is compiled and parsed once, not per chunk
+        session.execute(_insert(session)(Result).on_conflict_do_nothing(index_elements=["item_id"]), results)
     failed = sum(1 for status in moved.values() if status == ItemStatus.failed)
     count(session, batch_id, succeeded=len(succeeded), failed=failed)
     return succeeded
