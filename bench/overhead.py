@@ -45,8 +45,7 @@ class RssSampler(threading.Thread):
 
 def write_items(path: Path, n: int) -> Path:
     with open(path, "w") as f:
-        for i in range(n):
-            f.write(f'{{"id": "doc-{i}", "text": "Document number {i}: a short text to process."}}\n')
+        f.writelines(f'{{"id": "doc-{i}", "text": "Document number {i}: a short text to process."}}\n' for i in range(n))
     return path
 
 

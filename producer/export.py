@@ -114,7 +114,7 @@ class _atomic:
         self.file = open(self.tmp, "w", encoding="utf-8", newline="")
         return self.file
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
+    def __exit__(self, exc_type: Any, *_: object) -> None:
         self.file.close()
         if exc_type is None:
             os.replace(self.tmp, self.path)

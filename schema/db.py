@@ -32,7 +32,7 @@ def epoch(value: datetime | None) -> int | None:
 def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
-    fix = lambda v: v if v.tzinfo else v.replace(tzinfo=UTC)  # noqa: E731
+    fix = lambda v: v if v.tzinfo else v.replace(tzinfo=UTC)
     return (fix(end) - fix(start)).total_seconds()
 
 

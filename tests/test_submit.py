@@ -122,7 +122,7 @@ def test_bulk_insert_round_trips(pg_url: str, settings_for, tmp_path: Path) -> N
     settings = settings_for(pg_url)
     upgrade(pg_url)
     statements: list[str] = []
-    listener = lambda *a: statements.append(a[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    listener = lambda *a: statements.append(a[2])
     event.listen(get_engine(pg_url), "before_cursor_execute", listener)
     try:
         began = time.perf_counter()

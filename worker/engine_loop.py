@@ -10,10 +10,10 @@ engine keeps stepping.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, TypeVar

@@ -42,6 +42,7 @@ def vllm_dtype() -> str:
         return "float16"
     return "bfloat16"
 
+
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
