@@ -5,7 +5,6 @@
   (c) gristmill end to end on Redis + PostgreSQL, one `gristmill worker`: submit until every result is in SQL
   (d) the naive pattern: a Celery task per document, each calling generate on one prompt
   (e) gristmill on the embedded defaults (`gristmill run`), engine start excluded
-  (f) as (c), with chunks of similar prompt length (GRISTMILL_ORDER_BY_LENGTH): kept only if f/c > 1
 
 Engine start-up is excluded everywhere (it is reported); every run is its own process, one at a time.
     python -m bench.throughput [--quick] [--json PATH]
@@ -53,11 +52,10 @@ def run_vllm_batch(batch: Path, folder: Path, workdir: Path) -> dict[str, Any]:
                          "--served-model-name", Settings().model], workdir)
 
 
-def run_gristmill_distributed(batch: Path, workdir: Path, order_by_length: bool = False) -> dict[str, Any]:
+def run_gristmill_distributed(batch: Path, workdir: Path) -> dict[str, Any]:
     from producer import api
 
-    with fresh_services(workdir, order_by_length=order_by_length) as settings, \
-            worker_process(settings, "vllm", workdir / "worker_c.log"):
+    with fresh_services(workdir) as settings, worker_process(settings, "vllm", workdir / "worker_c.log"):
         warmup = workdir / "warmup.jsonl"
         prompts.write(prompts.build(1, seed=99), warmup)
         api.submit(warmup, settings=settings).wait(timeout=600)  # the engine is loaded and warm
@@ -114,7 +112,6 @@ RUNS = {
     "c": "gristmill, Redis + PostgreSQL, 1 worker",
     "d": "naive: Celery task per document",
     "e": "gristmill run (embedded defaults)",
-    "f": "(c) with chunks grouped by prompt length",
 }
 
 
@@ -123,7 +120,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 requests instead of 512")
     parser.add_argument("--requests", type=int)
     parser.add_argument("--naive-requests", type=int, help="(d) runs one prompt at a time: a subset (default 64)")
-    parser.add_argument("--runs", default="abcdef", help="which runs, e.g. 'ac'")
+    parser.add_argument("--runs", default="abcde", help="which runs, e.g. 'ac'")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     n = args.requests or (64 if args.quick else 512)
@@ -139,8 +136,7 @@ def main() -> None:
         batch = prompts.write(lines, workdir / "batch.jsonl")
         steps = {"a": lambda: run_bare(batch, folder, workdir), "b": lambda: run_vllm_batch(batch, folder, workdir),
                  "c": lambda: run_gristmill_distributed(batch, workdir),
-                 "d": lambda: run_naive(lines[:naive_n], workdir), "e": lambda: run_embedded(batch, workdir),
-                 "f": lambda: run_gristmill_distributed(batch, workdir, order_by_length=True)}
+                 "d": lambda: run_naive(lines[:naive_n], workdir), "e": lambda: run_embedded(batch, workdir)}
         for key in args.runs:
             print(f"running ({key}) {RUNS[key]} ...", file=sys.stderr, flush=True)
             result = steps[key]()
@@ -156,7 +152,7 @@ def main() -> None:
 
 
 def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
-    pairs = [("c", "a"), ("c", "b"), ("c", "d"), ("e", "a"), ("f", "c")]
+    pairs = [("c", "a"), ("c", "b"), ("c", "d"), ("e", "a")]
     return {f"{x}/{y}": runs[x]["tokens_per_s"] / runs[y]["tokens_per_s"] for x, y in pairs if x in runs and y in runs}
 
 

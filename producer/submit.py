@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import String, cast, func, insert, select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from schema.db import get_engine, get_sessionmaker, upgrade, utcnow
@@ -115,12 +115,8 @@ def _enqueue(settings: Settings, batch_id: str, model: str) -> None:
     """Send one task per chunk of queued item ids; SQL already holds everything, the broker only delivers."""
     make_session = get_sessionmaker(settings.database_url)
     with make_session() as session:
-        # Grouping similar prompt lengths into a chunk (by the stored request's size) is measured by
-        # bench/throughput run (f); input order otherwise.
-        by_length = (func.length(cast(Item.request, String)),) if settings.order_by_length else ()
         ids = session.scalars(
-            select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
-            .order_by(*by_length, Item.line)
+            select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued).order_by(Item.line)
         ).all()
     try:
         send_chunks(settings, batch_id, model, list(ids))
