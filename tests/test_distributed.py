@@ -78,7 +78,9 @@ def test_worker_on_redis_and_postgres(pg_url: str, redis_url: str, settings_for,
         with get_sessionmaker(pg_url)() as session:
             assert session.scalar(select(func.count()).select_from(Result)) == 16
         # the worker reported its engine's capacity, so producers cut chunks to fit it
-        assert chunk_size(settings, settings.model) == fitting_chunk_size(vllm_capacity(pg_url)) == 128
+        capacity = vllm_capacity(pg_url)
+        assert capacity is not None, "the worker did not record its engine's capacity"
+        assert chunk_size(settings, settings.model) == fitting_chunk_size(capacity) == 128
     finally:
         leftovers = stop_worker(worker)
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
