@@ -48,6 +48,5 @@ def create_classify_batch(input_path: str | Path, settings: Settings, spec: Clas
     submit._store(settings, batch_id, str(input_path), model, SamplingParams(), None, metadata or {},
                   cast(list[ParsedItem], items), window_s, kind="classify",
                   params={"classify": spec.model_dump()})
-    submit.refresh_planner_stats(settings, len(items))
     submit._enqueue(settings, batch_id, model)
     return batch_id

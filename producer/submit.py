@@ -49,7 +49,6 @@ def create_batch(
     upgrade(settings.database_url)
     batch_id = new_batch_id()
     _store(settings, batch_id, str(input_path), model, sampling, system_prompt, metadata or {}, items, window_s)
-    refresh_planner_stats(settings, len(items))
     _enqueue(settings, batch_id, model)
     return batch_id
 
@@ -86,6 +85,7 @@ def _store(settings: Settings, batch_id: str, input_file: str, model: str, sampl
         else:
             for chunk in batched(rows, INSERT_ROWS_PER_STATEMENT):
                 session.execute(insert(Item), chunk)  # executemany: a few statements, not one per item
+    refresh_planner_stats(settings, len(items))
 
 
 ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",
