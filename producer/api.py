@@ -7,14 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select
+from sqlalchemy.exc import DBAPIError
 
 from producer import export, stats
 from producer.classify_submit import classify_spec, create_classify_batch
 from producer.submit import create_batch
 from schema.batch_object import BatchObject
 from schema.classify import Method
-from schema.db import get_sessionmaker, upgrade, utcnow
+from schema.db import get_engine, get_sessionmaker, upgrade, utcnow
 from schema.errors import BatchNotFound, BatchStateError, ConfigError
 from schema.jobs import SamplingParams
 from schema.settings import Settings, get_settings
@@ -36,7 +37,13 @@ class BatchHandle:
 
     def status(self) -> BatchObject:
         with self._sessions() as session:
-            row = session.get(Batch, self.id)
+            try:
+                row = session.get(Batch, self.id)
+            except DBAPIError:
+                # A database no gristmill process has touched yet holds no batch (not a SQL traceback).
+                if not inspect(get_engine(self.settings.database_url)).has_table(Batch.__tablename__):
+                    raise BatchNotFound(f"no batch with id {self.id!r} (the database has no tables yet)") from None
+                raise
             if row is None:
                 raise BatchNotFound(f"no batch with id {self.id!r}")
             return BatchObject.from_row(row, utcnow())
