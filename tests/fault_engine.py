@@ -1,10 +1,18 @@
-"""Fault injection for tests/test_faults.py: the real transformers engine, except that any engine step
-holding a request that mentions POISON fails, as an engine does on an input it cannot handle."""
+"""Fault injection for tests/test_faults.py, as engines a `gristmill worker --engine module:Class` loads.
+
+PoisonableEngine: the real transformers engine, except that any engine step holding a request that
+mentions POISON fails, as an engine does on an input it cannot handle. HoldingEngine: no inference,
+but requests finish only when the test says so (or never), so a test knows a chunk is running.
+"""
 
 from __future__ import annotations
 
+import time
+
+from bench.null_engine import NullEngine
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest, GenerationResult
+from schema.settings import Settings, get_settings
 from worker.engines.transformers_engine import TransformersEngine
 
 MARKER = "POISON"
@@ -17,7 +25,7 @@ class PoisonableEngine(TransformersEngine):
 
     def add(self, request: GenerationRequest) -> str | GenerationResult:
         key = super().add(request)
-        if isinstance(key, str) and any(MARKER in m.content for m in request.messages or []):
+        if isinstance(key, str) and _mentions(request, MARKER):
             self._poisoned.add(key)
         return key
 
@@ -29,3 +37,44 @@ class PoisonableEngine(TransformersEngine):
     def abort(self, keys: list[str]) -> None:
         super().abort(keys)
         self._poisoned.difference_update(keys)
+
+
+class HoldingEngine(NullEngine):
+    """The no-inference engine, except that it holds requests back: every request while the file
+    `<GRISTMILL_HOME>/closed` exists (a test opens the gate by deleting it), and a request that
+    mentions HANG for ever, as a runaway generation would. Aborted requests are dropped."""
+
+    def __init__(self, model: str, settings: Settings | None = None) -> None:
+        super().__init__(model, settings)
+        self._gate = (settings or get_settings()).home / "closed"
+        self._held: dict[str, GenerationRequest] = {}
+
+    def add(self, request: GenerationRequest) -> str:
+        key = str(next(self._keys))
+        self._held[key] = request
+        return key
+
+    def step(self) -> list[tuple[str, GenerationResult]]:
+        if self._gate.exists():
+            time.sleep(0.05)  # the engine loop steps while requests are unfinished: do not spin
+            return []
+        done = [key for key, request in self._held.items() if not _mentions(request, HANG)]
+        for key in done:
+            del self._held[key]
+        if self._held:
+            time.sleep(0.05)
+        return [(key, GenerationResult(text="ok", prompt_tokens=1, completion_tokens=1)) for key in done]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._held)
+
+    def abort(self, keys: list[str]) -> None:
+        for key in keys:
+            self._held.pop(key, None)
+
+
+HANG = "HANG"
+
+
+def _mentions(request: GenerationRequest, marker: str) -> bool:
+    return any(marker in m.content for m in request.messages or [])

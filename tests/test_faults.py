@@ -1,7 +1,11 @@
 """Fault tests: real worker processes, real Redis and PostgreSQL, the real small model.
 
-Each ends by checking in SQL that every item has exactly one terminal state and at most one result,
-and that the batch's counts match its items.
+Each shows from SQL that its fault landed on work in progress (items `running` at the kill, messages
+waiting at the restart, a write blocked inside its transaction), then that the recovery ran (items
+ran again, the reconciler requeued, the write was retried) and ended every item exactly once: one
+terminal state, at most one result, the batch's counts matching its items. Where the engine is not
+the subject, `tests.fault_engine.HoldingEngine` (no inference) holds chunks running until the test
+lets them finish, so no test depends on the machine's speed.
 """
 
 from __future__ import annotations
@@ -16,22 +20,29 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
-from sqlalchemy import func, select
+import redis
+from sqlalchemy import func, select, update
 
 from producer import api
-from schema.db import get_sessionmaker
+from schema.db import get_sessionmaker, utcnow
 from schema.jobs import SamplingParams
 from schema.settings import Settings
 from schema.states import TERMINAL_ITEM, BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
+from schema.tables import Worker as WorkerRow
 from tests.conftest import PG_ADMIN, cli_env
+from worker.celery_app import queue_for
 
-FAST_RECOVERY = {"chunk_size": 8, "chunk_time_limit_s": 30, "visibility_timeout_s": 60, "reconcile_interval_s": 2,
+HOLDING = "tests.fault_engine:HoldingEngine"
+# A killed worker's items wait out their lease, the chunk time limit: 60 s leaves a chunk of 8 room to
+# finish on a loaded 2-core machine (at 30 s they timed out there), and keeps recovery within a minute.
+FAST_RECOVERY = {"chunk_size": 8, "chunk_time_limit_s": 60, "visibility_timeout_s": 120, "reconcile_interval_s": 2,
                  "requeue_grace_s": 3, "max_attempts": 2}
 
 
@@ -85,6 +96,20 @@ def workers(fault_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
     group.stop_all()
 
 
+@pytest.fixture
+def workers_on(tmp_path: Path) -> Iterator[Callable[[Settings], Workers]]:
+    """Worker groups on settings of the test's own; all stopped at the end."""
+    groups: list[Workers] = []
+
+    def make(settings: Settings) -> Workers:
+        groups.append(Workers(settings, tmp_path))
+        return groups[-1]
+
+    yield make
+    for group in groups:
+        group.stop_all()
+
+
 def docs(tmp_path: Path, n: int = 48, poison: int | None = None) -> Path:
     path = tmp_path / "docs.jsonl"
     lines = [{"id": f"d{i:03d}", "text": ("POISON " if i == poison else "") + f"Write a sentence about the number {i}."}
@@ -95,6 +120,51 @@ def docs(tmp_path: Path, n: int = 48, poison: int | None = None) -> Path:
 
 def submit(settings: Settings, path: Path, max_tokens: int = 24, **kwargs: object) -> api.BatchHandle:
     return api.submit(path, settings=settings, sampling=SamplingParams(max_tokens=max_tokens), **kwargs)  # type: ignore[arg-type]
+
+
+def worker_name(proc: subprocess.Popen[bytes]) -> str:
+    """The worker's name: its Celery hostname and the `worker_host` of the items it claims."""
+    return f"gristmill-{proc.pid}@{socket.gethostname()}"
+
+
+def registered(settings: Settings, proc: subprocess.Popen[bytes]) -> bool:
+    """The worker has loaded its engine and reported itself in the `workers` table."""
+    with get_sessionmaker(settings.database_url)() as session:
+        return session.get(WorkerRow, worker_name(proc)) is not None
+
+
+def running_ids(settings: Settings, batch_id: str, host: str | None = None) -> set[int]:
+    """Items of the batch running now (held by `host`, when given)."""
+    query = select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.running)
+    if host is not None:
+        query = query.where(Item.worker_host == host)
+    with get_sessionmaker(settings.database_url)() as session:
+        return set(session.scalars(query))
+
+
+def item_rows(settings: Settings, batch_id: str, ids: set[int] | None = None) -> dict[int, tuple[str, int]]:
+    """Each item's (status, attempts): all the batch's, or those with these ids."""
+    query = select(Item.id, Item.status, Item.attempts).where(Item.batch_id == batch_id)
+    if ids is not None:
+        query = query.where(Item.id.in_(ids))
+    with get_sessionmaker(settings.database_url)() as session:
+        return {item_id: (status, attempts) for item_id, status, attempts in session.execute(query).all()}
+
+
+def assert_ran_again(settings: Settings, batch_id: str, ids: set[int]) -> None:
+    """Every item the fault interrupted was run a second time and succeeded."""
+    rows = item_rows(settings, batch_id, ids)
+    assert all(status == ItemStatus.succeeded and attempts >= 2 for status, attempts in rows.values()), rows
+
+
+def close_gate(settings: Settings) -> None:
+    """HoldingEngine finishes nothing until the gate is opened."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    (settings.home / "closed").touch()
+
+
+def open_gate(settings: Settings) -> None:
+    (settings.home / "closed").unlink()
 
 
 def results(settings: Settings) -> int:
@@ -136,22 +206,32 @@ def assert_consistent(settings: Settings, batch_id: str) -> dict[str, int]:
 def test_worker_killed_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
     first = workers.start()
     handle = submit(fault_settings, docs(tmp_path))
-    wait_until(lambda: results(fault_settings) >= 8, 240, "no results", workers)
+    wait_until(lambda: results(fault_settings) >= 8 and bool(running_ids(fault_settings, handle.id)), 240,
+               "no results with items still running", workers)
     workers.kill(first)
+    held = running_ids(fault_settings, handle.id)  # as the dead worker left them: no other worker runs
+    assert held, "the worker held no item when it was killed"
     workers.start()
     info = handle.wait(timeout=300)
     assert info.status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {"succeeded": 48}
+    assert_ran_again(fault_settings, handle.id, held)
 
 
 def test_two_workers_one_killed(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
     doomed = workers.start()
+    wait_until(lambda: registered(fault_settings, doomed), 240, "the first worker did not start", workers)
     workers.start()
     handle = submit(fault_settings, docs(tmp_path, 64))
-    wait_until(lambda: results(fault_settings) >= 8, 240, "no results", workers)
+    wait_until(lambda: results(fault_settings) >= 8
+               and bool(running_ids(fault_settings, handle.id, worker_name(doomed))), 240,
+               "the first worker ran nothing while results came in", workers)
     workers.kill(doomed)
+    held = running_ids(fault_settings, handle.id, worker_name(doomed))
+    assert held, "the killed worker held no item"
     assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {"succeeded": 64}
+    assert_ran_again(fault_settings, handle.id, held)
 
 
 def test_sigterm_ends_in_flight_chunks_once(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
@@ -159,38 +239,44 @@ def test_sigterm_ends_in_flight_chunks_once(fault_settings: Settings, workers: W
     in SQL), exits 0; the chunks it never started wait for the next worker, which finishes the batch."""
     worker = workers.start()
     handle = submit(fault_settings, docs(tmp_path, n=64), max_tokens=32)
-    wait_until(lambda: running(fault_settings) > 0, 300, "no chunk running", workers)
+    wait_until(lambda: bool(running_ids(fault_settings, handle.id)), 300, "no chunk running", workers)
+    held = running_ids(fault_settings, handle.id)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=180) == 0, workers.logs()
     with get_sessionmaker(fault_settings.database_url)() as session:
         after_stop = dict(session.execute(select(Item.id, Item.status).where(Item.batch_id == handle.id)).all())
     assert ItemStatus.running not in after_stop.values(), "a chunk was left running"
-    ran = {i for i, status in after_stop.items() if status == ItemStatus.succeeded}
-    assert ran, "the chunks in flight did not finish"
+    assert {after_stop[i] for i in held} == {ItemStatus.succeeded}, "the chunks in flight did not finish"
     assert ItemStatus.queued in after_stop.values(), "the worker kept taking chunks after SIGTERM"
     workers.start()
     assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {ItemStatus.succeeded: 64}
-    with get_sessionmaker(fault_settings.database_url)() as session:
-        attempts = dict(session.execute(select(Item.id, Item.attempts).where(Item.id.in_(ran))).all())
-    assert set(attempts.values()) == {1}, "an item finished before SIGTERM ran again"
+    ran = {i for i, status in after_stop.items() if status == ItemStatus.succeeded}
+    assert {attempts for _, attempts in item_rows(fault_settings, handle.id, ran).values()} == {1}, \
+        "an item finished before SIGTERM ran again"
 
 
 def test_engine_process_killed(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    """SIGKILL vLLM's engine process only: the worker hands its chunks back and exits non-zero, so a
-    supervisor restarts it; the restarted worker finishes the batch."""
+    """SIGKILL vLLM's engine process only, while chunks run in it: the worker hands them back and
+    exits non-zero, so a supervisor restarts it; the restarted worker runs them again."""
     worker = workers.start("vllm")
-    handle = submit(fault_settings, docs(tmp_path))
-    wait_until(lambda: results(fault_settings) >= 8, 300, "no results", workers)
+    handle = submit(fault_settings, docs(tmp_path, 96), max_tokens=32)
+    wait_until(lambda: bool(running_ids(fault_settings, handle.id)), 300, "no chunk running", workers)
     engine_core = [p for p in psutil.Process(worker.pid).children(recursive=True)
                    if "resource_tracker" not in " ".join(p.cmdline())]
     assert engine_core, "vLLM's engine process was not found"
     for proc in engine_core:
         proc.kill()
     assert worker.wait(timeout=120) != 0, workers.logs()
+    with get_sessionmaker(fault_settings.database_url)() as session:
+        handed_back = set(session.scalars(select(Item.id).where(
+            Item.batch_id == handle.id, Item.status == ItemStatus.queued, Item.interrupted.is_(True))))
+    assert handed_back, "no chunk was in the engine when it died"
+    assert not running_ids(fault_settings, handle.id), "the dying worker left items running"
     workers.start("vllm")
     assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
-    assert assert_consistent(fault_settings, handle.id) == {"succeeded": 48}
+    assert assert_consistent(fault_settings, handle.id) == {"succeeded": 96}
+    assert_ran_again(fault_settings, handle.id, handed_back)
 
 
 class RedisServer:
@@ -232,9 +318,14 @@ def test_redis_restart(appendonly: bool, pg_url: str, settings_for, tmp_path: Pa
         group.start()
         handle = submit(settings, docs(tmp_path, 160))  # 20 chunks: most still wait in Redis at the restart
         wait_until(lambda: results(settings) >= 8, 240, "no results", group)
+        broker = redis.Redis.from_url(server.url)
+        waiting = broker.llen(queue_for(settings.model))
         server.stop()
+        assert waiting > 0, "no message was waiting in Redis when it stopped"
         time.sleep(2)
         server.start()
+        kept = broker.llen(queue_for(settings.model))  # before any worker could requeue (grace 3 s)
+        assert (kept > 0) == appendonly, (waiting, kept)
         assert handle.wait(timeout=300).status == BatchStatus.completed, group.logs()
     finally:
         group.stop_all()
@@ -244,18 +335,31 @@ def test_redis_restart(appendonly: bool, pg_url: str, settings_for, tmp_path: Pa
     assert requeued != appendonly, group.logs()  # without persistence the reconciler restored the rest
 
 
-def test_postgres_drops_worker_connections(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    workers.start()
-    handle = submit(fault_settings, docs(tmp_path))
-    wait_until(lambda: results(fault_settings) >= 8, 240, "no results", workers)
+def test_database_connection_lost_inside_result_write(fault_settings: Settings, workers: Workers,
+                                                      tmp_path: Path) -> None:
+    """The worker's connection dies inside its result-writing transaction: the write is retried in
+    place (the results are in memory), so no item runs twice and each has one result.
+
+    Deterministic: the test locks the batch's row, so the write blocks on it (the engine-batch row's
+    foreign key); the test terminates exactly the backends waiting on that lock, then lets go."""
+    close_gate(fault_settings)
+    workers.start(HOLDING)
+    handle = submit(fault_settings, docs(tmp_path, 16))
+    wait_until(lambda: len(running_ids(fault_settings, handle.id)) == 16, 120, "chunks not running", workers)
     database = fault_settings.database_url.rsplit("/", 1)[1]
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        for _ in range(5):  # for a few seconds, every connection of the worker is cut
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = %s AND pid <> pg_backend_pid()", [database])
-            time.sleep(1)
-    assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
-    assert assert_consistent(fault_settings, handle.id) == {"succeeded": 48}
+    with psycopg.connect(PG_ADMIN.rsplit("/", 1)[0] + f"/{database}") as lock:
+        lock.execute("SELECT 1 FROM batches WHERE id = %s FOR UPDATE", [handle.id])
+        open_gate(fault_settings)
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            blocked = f"SELECT pid FROM pg_stat_activity WHERE datname = '{database}' AND wait_event_type = 'Lock'"
+            wait_until(lambda: admin.execute(blocked).fetchone() is not None, 60, "no write blocked", workers)
+            time.sleep(1)  # let every chunk's write reach the lock
+            killed = admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({blocked}) AS w").fetchall()
+        lock.rollback()
+    assert handle.wait(timeout=120).status == BatchStatus.completed, workers.logs()
+    assert killed and "retrying" in workers.logs(tail=10**9), workers.logs()
+    assert assert_consistent(fault_settings, handle.id) == {"succeeded": 16}
+    assert {attempts for _, attempts in item_rows(fault_settings, handle.id).values()} == {1}, "an item ran twice"
 
 
 def test_poison_item_is_isolated(pg_url: str, redis_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -273,32 +377,85 @@ def test_poison_item_is_isolated(pg_url: str, redis_url: str, settings_for, tmp_
     assert poison.custom_id == "d017" and "gave up after 2 attempts" in (poison.last_error or "")
 
 
-def test_cancel_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    workers.start()
-    handle = submit(fault_settings, docs(tmp_path, 96))
-    wait_until(lambda: results(fault_settings) >= 8, 240, "no results", workers)
-    handle.cancel()
-    info = handle.wait(timeout=120)
-    assert info.status == BatchStatus.cancelled
-    statuses = assert_consistent(fault_settings, handle.id)
-    assert statuses["succeeded"] >= 8 and statuses.get("cancelled", 0) > 0
-    assert statuses["succeeded"] + statuses["cancelled"] == 96
+def test_cancel_while_a_chunk_runs(pg_url: str, redis_url: str, settings_for, workers_on,  # type: ignore[no-untyped-def]
+                                   tmp_path: Path) -> None:
+    """Cancel with chunks provably running: the batch is `cancelling` until they end, they keep their
+    results, queued items are cancelled, it ends `cancelled`, and a redelivered chunk claims nothing."""
+    settings = settings_for(pg_url, redis_url, **{**FAST_RECOVERY, "inflight_chunks": 2})
+    close_gate(settings)
+    group = workers_on(settings)
+    group.start(HOLDING)
+    handle = submit(settings, docs(tmp_path, 64))
+    wait_until(lambda: len(running_ids(settings, handle.id)) == 16, 120, "two chunks not running", group)
+    held = running_ids(settings, handle.id)
+    assert handle.cancel().status == BatchStatus.cancelling
+    assert assert_open(settings, handle.id) == {"running": 16, "cancelled": 48}
+    open_gate(settings)
+    assert handle.wait(timeout=60).status == BatchStatus.cancelled, group.logs()
+    assert assert_consistent(settings, handle.id) == {"succeeded": 16, "cancelled": 48}
+    assert {status for status, _ in item_rows(settings, handle.id, held).values()} == {ItemStatus.succeeded}
+    before = item_rows(settings, handle.id)
+    redeliver(settings, handle.id, sorted(before))
+    assert item_rows(settings, handle.id) == before and results(settings) == 16
 
 
-def test_expire_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    workers.start()
-    warmup = submit(fault_settings, docs(tmp_path, 1))
-    assert warmup.wait(timeout=240).status == BatchStatus.completed  # the engine is loaded
-    handle = submit(fault_settings, docs(tmp_path, 192), max_tokens=32, completion_window="8s")
-    info = handle.wait(timeout=180)
-    assert info.status == BatchStatus.expired, workers.logs()
-    wait_until(lambda: running(fault_settings) == 0, 120, "chunks running at expiry did not finish", workers)
-    statuses = assert_consistent(fault_settings, handle.id)  # they kept their results
-    assert statuses.get("expired", 0) > 0 and statuses.get("succeeded", 0) > 0, statuses
+def assert_open(settings: Settings, batch_id: str) -> dict[str, int]:
+    with get_sessionmaker(settings.database_url)() as session:
+        return dict(Counter(session.scalars(select(Item.status).where(Item.batch_id == batch_id))))
+
+
+def redeliver(settings: Settings, batch_id: str, item_ids: list[int]) -> None:
+    """Send these items as one chunk again, as a redelivery would, and wait until it was consumed."""
+    from worker.celery_app import RUN_CHUNK, app, broker_options
+
+    url, options = broker_options(settings)
+    with app.connection_for_write(url, transport_options=options) as conn, conn.Producer() as producer:
+        app.send_task(RUN_CHUNK, args=[batch_id, item_ids], queue=queue_for(settings.model), producer=producer)
+    client = redis.Redis.from_url(settings.broker_url)
+    wait_until(lambda: not client.llen(queue_for(settings.model)) and not client.hlen("unacked"), 60,
+               "the redelivered chunk was not consumed")
+
+
+def test_expire_mid_batch(pg_url: str, redis_url: str, settings_for, workers_on, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The completion window passes (the test moves it into the past) with chunks running and items
+    queued: queued items expire, the running chunks finish and keep their results."""
+    settings = settings_for(pg_url, redis_url, **{**FAST_RECOVERY, "inflight_chunks": 2})
+    close_gate(settings)
+    group = workers_on(settings)
+    group.start(HOLDING)
+    handle = submit(settings, docs(tmp_path, 48), completion_window="1h")
+    wait_until(lambda: len(running_ids(settings, handle.id)) == 16, 120, "two chunks not running", group)
+    with get_sessionmaker(settings.database_url)() as session, session.begin():
+        session.execute(update(Batch).where(Batch.id == handle.id).values(expires_at=utcnow() - timedelta(seconds=1)))
+    wait_until(lambda: handle.status().status == BatchStatus.expired, 30, "the worker did not expire it", group)
+    assert assert_open(settings, handle.id) == {"running": 16, "expired": 32}
+    open_gate(settings)
+    wait_until(lambda: not running_ids(settings, handle.id), 60, "the running chunks did not finish", group)
+    assert assert_consistent(settings, handle.id) == {"succeeded": 16, "expired": 32}
+    assert handle.status().status == BatchStatus.expired
     out = tmp_path / "out.jsonl"
     counts = handle.results(out)
-    assert (counts.succeeded, counts.failed, counts.pending) == (statuses["succeeded"], statuses["expired"], 0)
-    assert '"batch_expired"' in out.read_text()
+    assert (counts.succeeded, counts.failed, counts.pending) == (16, 32, 0)
+    assert out.read_text().count('"batch_expired"') == 32
+
+
+def test_chunk_time_limit(pg_url: str, redis_url: str, settings_for, workers_on, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An item that never finishes: its chunk is stopped at the time limit and handed back, the rest
+    of it runs again and succeeds, the item fails alone; nothing hangs."""
+    settings = settings_for(pg_url, redis_url, **{**FAST_RECOVERY, "chunk_size": 4, "chunk_time_limit_s": 10})
+    group = workers_on(settings)
+    group.start(HOLDING)
+    path = docs(tmp_path, 12)
+    lines = path.read_text().splitlines()
+    lines[5] = lines[5].replace("Write", "HANG. Write")
+    path.write_text("\n".join(lines) + "\n")
+    handle = submit(settings, path)
+    assert handle.wait(timeout=180).status == BatchStatus.completed, group.logs()
+    assert assert_consistent(settings, handle.id) == {"succeeded": 11, "failed": 1}
+    with get_sessionmaker(settings.database_url)() as session:
+        items = {i.custom_id: i for i in session.scalars(select(Item).where(Item.batch_id == handle.id))}
+    assert "time limit" in (items["d005"].last_error or ""), items["d005"].last_error
+    assert all(items[f"d00{i}"].attempts >= 2 for i in (4, 6, 7)), "the rest of the chunk did not run again"
 
 
 class _Exploit:
@@ -312,7 +469,7 @@ class _Exploit:
 
 
 def test_pickled_message_is_refused(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    from worker.celery_app import RUN_CHUNK, app, broker_options, queue_for
+    from worker.celery_app import RUN_CHUNK, app, broker_options
 
     marker = tmp_path / "unpickled"
     workers.start()

@@ -90,3 +90,25 @@ def test_redelivery_after_a_dead_worker(db_url: str, settings_for, tmp_path: Pat
     assert [attempts[i] for i in ids] == [2, 2, 2, 1, 1, 1]
     assert result_count(db_url) == 6
     assert api.open_batch(batch_id, settings).status().status == BatchStatus.completed
+
+
+def test_chunk_whose_items_all_fail(db_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every item of a chunk fails in the engine: each is marked failed with its error, none has a
+    result (PostgreSQL once typed the chunk's all-NULL rates as text and refused the write)."""
+    from worker import store
+
+    settings = settings_for(db_url)
+    batch_id, ids = submit_docs(settings, tmp_path, n=3)
+    with get_sessionmaker(db_url)() as session, session.begin():
+        claimed = store.claim(session, batch_id, ids, "test-host", 60)
+    outcomes = [store.Outcome(item=c, error="the prompt is too long") for c in claimed]
+    now = utcnow()
+    with get_sessionmaker(db_url)() as session, session.begin():
+        store.write_outcomes(session, batch_id, outcomes, engine="t", model="m", engine_batch_id=None,  # type: ignore[arg-type]
+                             started=now, finished=now)
+        store.close_if_done(session, batch_id)
+    with get_sessionmaker(db_url)() as session:
+        rows = session.execute(select(Item.status, Item.last_error, Item.tokens_per_s).where(Item.batch_id == batch_id)).all()
+    assert rows == [(ItemStatus.failed, "the prompt is too long", None)] * 3
+    assert result_count(db_url) == 0
+    assert api.open_batch(batch_id, settings).status().request_counts.failed == 3

@@ -103,8 +103,8 @@ class EngineLoop:
 
     def cancel(self, future: Future[Any]) -> None:
         """Stop the requests of a submission whose caller gave up on it (time limit, shutdown)."""
-        self._inbox.put(None)  # wake the driver; it drops owners whose future is done
         future.cancel()
+        self._inbox.put(None)  # wake the driver, after the cancel: it aborts requests whose future is done
 
     @property
     def alive(self) -> bool:

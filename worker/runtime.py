@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ class Runtime:
     settings: Settings
     engine: Engine
     loop: EngineLoop  # the only thread that touches the engine
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=lambda: worker_id())  # who claimed an item, in SQL
     engine_start_s: float = 0.0
 
     @property
@@ -34,6 +35,11 @@ class Runtime:
         seqs = self.engine.max_num_seqs
         chunk = self.settings.chunk_size or min(fitting_chunk_size(seqs), FALLBACK_CHUNK_SIZE)
         return max(2, math.ceil(seqs / chunk) + 1)
+
+
+def worker_id() -> str:
+    """This worker process's name: its Celery hostname, its row in `workers`, its items' `worker_host`."""
+    return f"gristmill-{os.getpid()}@{socket.gethostname()}"
 
 
 _current: Runtime | None = None

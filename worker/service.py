@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,10 +28,10 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     """
     model = model or settings.model
     rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down)
-    log.info("engine %s loaded %s in %.1f s; %d chunks in flight", rt.engine.name, model,
-             rt.engine_start_s, rt.inflight_chunks)
+    log.info("engine %s loaded %s in %.1f s; it runs %d sequences at once; %d chunks in flight", rt.engine.name,
+             model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks)
     app = configure(settings.model_copy(update={"model": model}))
-    worker_id = f"gristmill-{os.getpid()}@{socket.gethostname()}"
+    worker_id = rt.host
     worker = app.Worker(
         pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model)], loglevel=loglevel,
         hostname=worker_id, without_mingle=True, without_gossip=True,

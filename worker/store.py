@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, or_, update
+from sqlalchemy import Float, and_, case, cast, or_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -95,14 +95,17 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
     engine_s = (finished - started).total_seconds()
     rows = {o.item.id: _outcome_row(o, started, engine_s) for o in outcomes}
 
-    def per_item(field: int):  # type: ignore[no-untyped-def]
-        return case({item_id: row[field] for item_id, row in rows.items()}, value=Item.id)
+    def per_item(field: int, type_: Any = None):  # type: ignore[no-untyped-def]
+        values = case({item_id: row[field] for item_id, row in rows.items()}, value=Item.id)
+        # CAST: were every value NULL (a chunk whose items all failed), PostgreSQL would type the CASE as text.
+        return cast(values, type_) if type_ is not None else values
 
     # One statement for the chunk (per-item values by CASE on the primary key); RETURNING says which moved.
     finish = (
         update(Item)
         .where(Item.id.in_(list(rows)), Item.status == ItemStatus.running)
-        .values(status=per_item(0), last_error=per_item(1), queue_wait_s=per_item(2), tokens_per_s=per_item(3),
+        .values(status=per_item(0), last_error=per_item(1), queue_wait_s=per_item(2, Float),
+                tokens_per_s=per_item(3, Float),
                 finished_at=finished, engine_s=engine_s, engine=engine, model=model,
                 engine_batch_id=engine_batch_id, lease_expires_at=None)
         .returning(Item.id, Item.status)
