@@ -1,7 +1,8 @@
 """Run (d), the naive pattern: one Celery task per document, each calling `generate` on one prompt.
 
 Started as its own worker (`celery -A bench.naive_celery worker -P solo`); the engine is loaded once at
-worker start, as a careful user would, so the only difference from gristmill is one prompt per call.
+worker start (gristmill's VLLMEngine, with its warm-up and GRISTMILL_VLLM_OPTIONS), as a careful user
+would, so the only difference from gristmill is one prompt per call.
 """
 
 from __future__ import annotations
@@ -32,10 +33,16 @@ def _close_engine(**_: Any) -> None:
         _engine.close()
 
 
+@app.task(name="naive.engine")
+def engine_options() -> dict[str, Any]:
+    """The loaded engine's effective options; its answer also says the worker is ready."""
+    return dict(_engine.options)
+
+
 @app.task(name="naive.generate")
 def generate(messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-    from schema.jobs import GenerationRequest, SamplingParams
+    from schema.jobs import GenerationRequest
 
-    request = GenerationRequest(messages=messages, sampling=SamplingParams(max_tokens=max_tokens))
+    request = GenerationRequest.model_validate({"messages": messages, "sampling": {"max_tokens": max_tokens}})
     result = _engine.generate([request])[0]
     return {"text": result.text, "completion_tokens": result.completion_tokens}

@@ -32,7 +32,8 @@ class RssSampler(threading.Thread):
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
-        self.process, self.samples, self.stopped = psutil.Process(pid), [], threading.Event()
+        self.process, self.stopped = psutil.Process(pid), threading.Event()
+        self.samples: list[float] = []
 
     def rss_mb(self) -> float:
         procs = [self.process, *self.process.children(recursive=True)]

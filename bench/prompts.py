@@ -26,7 +26,7 @@ def build(n: int, seed: int = 1234) -> list[dict[str, object]]:
     """n OpenAI batch lines (chat completions, greedy), the same for every run with the same seed."""
     rng = random.Random(seed)
     texts = sentences()
-    lines = []
+    lines: list[dict[str, object]] = []
     for i in range(n):
         instruction, max_tokens = rng.choice(TASKS)
         text = rng.choice(texts)
@@ -41,3 +41,10 @@ def build(n: int, seed: int = 1234) -> list[dict[str, object]]:
 def write(lines: list[dict[str, object]], path: Path) -> Path:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def output_tokens(path: Path) -> dict[str, int]:
+    """Output tokens per custom_id in an OpenAI batch output file (vLLM run-batch's or gristmill's)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {line["custom_id"]: line["response"]["body"]["usage"]["completion_tokens"]
+            for line in lines if line.get("response")}

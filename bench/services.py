@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
@@ -24,7 +26,7 @@ REDIS_URL = os.environ.get("GRISTMILL_BENCH_REDIS", "redis://127.0.0.1:6379/13")
 
 
 @contextmanager
-def fresh_services(workdir: Path, **settings: object) -> Iterator[Settings]:
+def fresh_services(workdir: Path, **settings: Any) -> Iterator[Settings]:
     """Settings over a new PostgreSQL database and an emptied Redis db, both removed afterwards."""
     name = f"gm_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -42,7 +44,8 @@ def fresh_services(workdir: Path, **settings: object) -> Iterator[Settings]:
 
 def env_for(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRISTMILL_")}
-    env.update({f"GRISTMILL_{key.upper()}": str(value) for key, value in settings.model_dump().items()})
+    env.update({f"GRISTMILL_{key.upper()}": json.dumps(value) if isinstance(value, dict | list) else str(value)
+                for key, value in settings.model_dump().items()})
     env["PYTHONPATH"] = str(REPO)
     return env
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)  # an item that fails its engine this often is marked failed
     reconcile_interval_s: int = Field(default=30, ge=1)
     requeue_grace_s: int = Field(default=60, ge=0)  # queued items younger than this are not reconciled
+    # Extra vllm.LLM keyword arguments (a JSON object in the environment), applied after gristmill's own,
+    # e.g. {"max_num_seqs": 256, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}.
+    vllm_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _chunks_end_before_redelivery(self) -> Settings:

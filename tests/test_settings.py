@@ -18,6 +18,12 @@ def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     assert Settings.model_fields["broker_url"].default == "filesystem://"
 
 
+def test_vllm_options_are_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().vllm_options == {}
+    monkeypatch.setenv("GRISTMILL_VLLM_OPTIONS", '{"max_num_seqs": 64, "enforce_eager": true}')
+    assert Settings().vllm_options == {"max_num_seqs": 64, "enforce_eager": True}
+
+
 @pytest.mark.parametrize(("url", "safe"), [
     ("redis://:hunter2@host:6379/0", "redis://:***@host:6379/0"),
     ("rediss://user:hunter2@host:6380/1", "rediss://user:***@host:6380/1"),
