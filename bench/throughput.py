@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,9 @@ def main() -> None:
                 runs[key].append({**result, "tokens_per_s": result["output_tokens"] / result["seconds"],
                                   "load_1m": load})
     problems = _check_tokens(runs, lines, setup.naive_n) + _check_engines(runs, engine)
-    report = {"requests": n, "naive_requests": setup.naive_n, "repeats": args.repeats, "machine": _machine(),
+    report = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.throughput",
+                                                                                  *sys.argv[1:]]),
+              "requests": n, "naive_requests": setup.naive_n, "repeats": args.repeats, "machine": _machine(),
               "engine_args": engine, "runs": {k: [{x: v for x, v in run.items() if x != "tokens"} for run in rs]
                                               for k, rs in runs.items()},
               "ratios": _ratios(runs), "problems": problems}
@@ -278,7 +280,10 @@ def _ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
 def _machine() -> str:
     import vllm
 
-    return (f"{platform.machine()}, {os.cpu_count()} cores, "
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = next((name for flag, name in [("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
+                if f" {flag}" in cpu), "")
+    return (f"{platform.machine()}, {os.cpu_count()} cores ({isa or 'CPU flags unknown'}), "
             f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
             f"Python {platform.python_version()}, vLLM {vllm.__version__}")
 
