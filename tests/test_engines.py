@@ -52,7 +52,8 @@ def transformers_engine(engine_settings: Settings) -> Iterator[TransformersEngin
 
 @pytest.fixture(scope="module")
 def vllm_engine(engine_settings: Settings, prepared_model: Path) -> Iterator[VLLMEngine]:
-    engine = load_engine(MODEL, "vllm", engine_settings)
+    options = {"max_num_seqs": 64}  # GRISTMILL_VLLM_OPTIONS: see test_vllm_options_reach_the_engine
+    engine = load_engine(MODEL, "vllm", engine_settings.model_copy(update={"vllm_options": options}))
     assert isinstance(engine, VLLMEngine)
     yield engine
     engine.close()
@@ -205,6 +206,10 @@ def test_transformers_engine_loads_a_hf_folder(engine_settings: Settings, prepar
     assert "Paris" in result.text
     with pytest.raises(EngineError, match="closed"):
         engine.generate([chat(max_tokens=2)])
+
+
+def test_vllm_options_reach_the_engine(vllm_engine: VLLMEngine) -> None:
+    assert vllm_engine.max_num_seqs == 64 and vllm_engine.options["max_num_seqs"] == 64
 
 
 # Runs last in this module: it closes the shared vLLM engine.
