@@ -14,6 +14,7 @@ from schema.settings import Settings, get_settings
 from worker.engines import failed_result
 from worker.engines.heads import head_config, head_labels
 from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
+from worker.engines.transformers_engine import compute_dtype
 from worker.models import resolve_model
 
 DEFAULT_BATCH_SIZE = 32
@@ -27,7 +28,7 @@ class TransformersHeadEngine:
     name = "transformers"
 
     def __init__(self, model: str, *, settings: Settings | None = None, max_model_len: int | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, dtype: torch.dtype = torch.bfloat16) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, dtype: torch.dtype | None = None) -> None:
         settings = settings or get_settings()
         source = resolve_model(model)
         config = head_config(source)
@@ -38,7 +39,7 @@ class TransformersHeadEngine:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(source.folder)
-            loaded = AutoModelForSequenceClassification.from_pretrained(source.folder, dtype=dtype,
+            loaded = AutoModelForSequenceClassification.from_pretrained(source.folder, dtype=dtype or compute_dtype(),
                                                                         attn_implementation="eager")
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load classification model '{model}': {exc}") from exc

@@ -35,6 +35,15 @@ class _Item:
     ids: list[int]
 
 
+def compute_dtype() -> torch.dtype:
+    """bf16 on a GPU or a CPU that computes it natively (AVX-512-BF16 or AMX): there ~1.7x the float32
+    speed with the same greedy answers. Elsewhere float32: on an AVX2-only CPU (AMD EPYC here) bf16 is
+    emulated, 1.6 against 11.3 tokens/s for float32 (32 prompts x 24 tokens, this model)."""
+    if torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 class TransformersEngine:
     """Runs requests with `model.generate`, batching those that share sampling parameters."""
 
@@ -47,15 +56,14 @@ class TransformersEngine:
         settings: Settings | None = None,
         max_model_len: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = None,
     ) -> None:
         settings = settings or get_settings()
         self.model_name = model
         self.batch_size = batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # bf16 as in vLLM: ~1.7x the float32 speed on an AVX-512-BF16 CPU, and the same greedy answers.
         self._model: PreTrainedModel | None
-        self._tokenizer, self._model = _load(resolve_model(model), dtype, self.device)
+        self._tokenizer, self._model = _load(resolve_model(model), dtype or compute_dtype(), self.device)
         context = getattr(self._model.config, "max_position_embeddings", None) or 10**9
         self.max_model_len = min(max_model_len or settings.max_model_len, context)
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
