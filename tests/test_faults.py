@@ -28,6 +28,7 @@ import psycopg
 import pytest
 import redis
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import ProgrammingError
 
 from producer import api
 from schema.db import get_sessionmaker, utcnow
@@ -131,7 +132,10 @@ def worker_name(proc: subprocess.Popen[bytes]) -> str:
 def registered(settings: Settings, proc: subprocess.Popen[bytes]) -> bool:
     """The worker has loaded its engine and reported itself in the `workers` table."""
     with get_sessionmaker(settings.database_url)() as session:
-        return session.get(WorkerRow, worker_name(proc)) is not None
+        try:
+            return session.get(WorkerRow, worker_name(proc)) is not None
+        except ProgrammingError:  # the worker has not created the tables yet
+            return False
 
 
 def running_ids(settings: Settings, batch_id: str, host: str | None = None) -> set[int]:
