@@ -16,10 +16,12 @@ a run's per-request output tokens differ from (a)'s or an engine did not run wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -209,6 +211,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every run, interleaved")
     parser.add_argument("--runs", default="abcde", help="which runs, e.g. 'ac'")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--workdir", type=Path, help="keep each finished run here; the same command again with the "
+                        "same folder resumes after the last finished run (default: a temporary folder)")
     args = parser.parse_args()
     n = args.requests or (64 if args.quick else 512)
     lines = prompts.build(n)
@@ -217,14 +221,24 @@ def main() -> None:
 
     engine = engine_args()
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in args.runs}
-    with tempfile.TemporaryDirectory(prefix="gristmill-bench-") as tmp:
+    with contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(
+            prefix="gristmill-bench-") as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         setup = Setup(lines, prompts.write(lines, Path(tmp) / "batch.jsonl"),
                       prepare(Settings().model, Settings().cache_dir), engine,
                       min(n, args.naive_requests or (32 if args.quick else 64)))
+        same = json.dumps({"lines": lines, "naive_n": setup.naive_n, "engine": engine}, sort_keys=True)
+        if (Path(tmp) / "setup.json").exists() and (Path(tmp) / "setup.json").read_text() != same:
+            sys.exit(f"{tmp} holds runs of other requests or engine arguments: give another --workdir")
+        (Path(tmp) / "setup.json").write_text(same)
         for round_ in range(args.repeats):
             for key in args.runs:
                 print(f"round {round_ + 1}/{args.repeats}: ({key}) {RUNS[key]} ...", file=sys.stderr, flush=True)
                 workdir = Path(tmp) / f"{key}{round_}"
+                if (workdir / "run.json").exists():  # finished by an earlier invocation with this --workdir
+                    runs[key].append(json.loads((workdir / "run.json").read_text()))
+                    continue
+                shutil.rmtree(workdir, ignore_errors=True)
                 workdir.mkdir()
                 load = os.getloadavg()[0]
                 try:
@@ -232,12 +246,14 @@ def main() -> None:
                 except (RuntimeError, TimeoutError) as exc:  # a shared machine: once more, then give up
                     print(f"({key}) failed, running it again: {str(exc)[-1500:]}", file=sys.stderr, flush=True)
                     workdir = workdir.with_name(workdir.name + "-again")
+                    shutil.rmtree(workdir, ignore_errors=True)
                     workdir.mkdir()
                     result = {**STEPS[key](setup, workdir), "attempts": 2}
                 if result.get("errors") or result.get("failed"):
                     raise RuntimeError(f"run ({key}) had failed requests: {result}")
                 runs[key].append({**result, "tokens_per_s": result["output_tokens"] / result["seconds"],
                                   "load_1m": load})
+                (Path(tmp) / f"{key}{round_}" / "run.json").write_text(json.dumps(runs[key][-1]))
             report = _report(args, setup, runs)
             if args.json:  # after every round, so that a run killed late keeps the rounds before
                 args.json.parent.mkdir(parents=True, exist_ok=True)
