@@ -264,8 +264,8 @@ def main() -> None:
 
 
 def _report(args: argparse.Namespace, s: Setup, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.throughput",
-                                                                                *sys.argv[1:]]),
+    command = re.sub(r" --workdir[= ]\S+", "", " ".join(["python -m bench.throughput", *sys.argv[1:]]))  # a local path
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "command": command,
             "requests": len(s.lines), "naive_requests": s.naive_n, "repeats": len(next(iter(runs.values()))),
             "machine": _machine(), "engine_args": s.engine,
             "runs": {k: [{x: v for x, v in run.items() if x != "tokens"} for run in rs] for k, rs in runs.items()},
