@@ -4,7 +4,7 @@ guided choice, on the labelled review sentences in shared/data/amazon_sentiment.
     python -m bench.classify [--quick] [--json PATH] [--engine vllm|transformers] [--half even|odd]
 
 All three methods run the same prompt (the instruction below, then the sentence) on the same loaded
-engine, each over every document in one call to worker.classify (what a worker does per chunk).
+engine, each over every document in one call to worker.kinds.classify (what a worker does per chunk).
 Before the timed runs each method runs once on 128 synthetic documents, so warm-up (kernels for
 larger batch shapes, grammar compilation) is not charged to whichever method runs first. The timed
 runs go in blocks of 250 documents, the methods taking turns on each block in a rotating order, two
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schema.classify import ClassifyRequest
+from schema.kinds.classify import ClassifyRequest
 from schema.settings import Settings
-from worker import calibration
-from worker.classify import classify
 from worker.engines import load_engine
 from worker.engines.base import Engine
+from worker.kinds import calibration
+from worker.kinds.classify import classify
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_sentiment.tsv"
 MODEL = "smollm2-135m-instruct"

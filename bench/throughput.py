@@ -117,8 +117,8 @@ def run_gristmill_distributed(s: Setup, workdir: Path) -> dict[str, Any]:
 
     from producer import api
     from schema.db import get_sessionmaker
+    from schema.queue import make_app
     from schema.tables import Batch, Result, Worker
-    from worker.celery_app import configure
 
     log = workdir / "worker.log"
     with fresh_services(workdir, vllm_options=s.engine) as settings, worker_process(settings, "vllm", log) as proc:
@@ -133,7 +133,7 @@ def run_gristmill_distributed(s: Setup, workdir: Path) -> dict[str, Any]:
                 return None
 
         wait_for(lambda: registered() is not None, 900, "the worker registering")
-        app = configure(settings)
+        app = make_app(settings)
         wait_for(lambda: bool(app.control.ping(timeout=0.5)), 120, "the worker answering a ping")
         began = time.time()
         handle = api.submit(s.batch, settings=settings)

@@ -10,25 +10,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from producer import api, classify_cli
+from producer import api
 from producer.progress import ProgressPrinter
+from schema import kinds
 from schema.errors import GristmillError, InputError
-from schema.jobs import SamplingParams
+from schema.kinds.flags import add_spec_flags, spec_values
 from schema.settings import Settings, get_settings, redact
+
+SPECS = {name: (kind.spec_model, kind.file_flags) for name, kind in kinds.KINDS.items()}
 
 
 def _job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="OpenAI batch JSONL, or simple JSONL lines {custom_id|id, text}")
+    p.add_argument("--task", choices=list(kinds.KINDS), default="generate",
+                   help="; ".join(f"{name}: {kind.summary}" for name, kind in kinds.KINDS.items()))
     p.add_argument("--model", help="registry name, Hugging Face folder or GGUF file (default: GRISTMILL_MODEL)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--system", help="system prompt for simple JSONL lines")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--completion-window", default="24h", help="the batch expires after this long (e.g. 24h, 90m)")
-    classify_cli.add_flags(p)
+    add_spec_flags(p, SPECS)
 
 
 def _export_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -74,11 +73,6 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def _sampling(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed, stop=args.stop)
-
-
 def _metadata(pairs: list[str]) -> dict[str, str]:
     bad = [p for p in pairs if "=" not in p]
     if bad:
@@ -87,9 +81,10 @@ def _metadata(pairs: list[str]) -> dict[str, str]:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> api.BatchHandle:
-    return api.submit(args.input, model=args.model, sampling=_sampling(args), system_prompt=args.system,
-                      metadata=_metadata(args.metadata), completion_window=args.completion_window,
-                      settings=settings, **classify_cli.api_kwargs(args))
+    model, file_flags = SPECS[args.task]
+    options = spec_values(args, args.task, model, file_flags, SPECS)
+    return api.submit(args.input, task=args.task, model=args.model, metadata=_metadata(args.metadata),
+                      completion_window=args.completion_window, settings=settings, **options)
 
 
 def _wait(handle: api.BatchHandle) -> Any:
@@ -203,9 +198,10 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from schema.queue import Queue
     from worker.reconciler import reconcile
 
-    report = reconcile(settings)
+    report = reconcile(settings, Queue(settings))
     print(f"{len(report.expired_batches)} batches expired, {report.leases_expired} dead leases returned, "
           f"{report.requeued} items requeued", file=sys.stderr)
     return 0

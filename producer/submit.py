@@ -1,56 +1,48 @@
-"""Submission: validate the whole file, write the batch and its items in one transaction, then enqueue."""
+"""Storing a parsed batch: the batch row and all its items in one transaction, then one task per chunk.
+
+SQL holds everything before the broker sees a message, so the broker only delivers: a batch that could
+not be enqueued is marked failed, and the reconciler re-sends what the broker lost.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
-from schema.db import get_engine, get_sessionmaker, upgrade, utcnow
+from schema import store
+from schema.db import get_engine, get_sessionmaker, utcnow
 from schema.errors import BrokerError
-from schema.inputs import ParsedItem, parse_input
-from schema.jobs import SamplingParams, parse_window
+from schema.inputs import ParsedItem
+from schema.queue import Queue, batched
 from schema.settings import Settings, redact
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item
-from worker import store
-from worker.dispatch import batched, send_chunks
 
 INSERT_ROWS_PER_STATEMENT = 5000
 ANALYZE_AFTER_ITEMS = 1000
 
 
+@dataclass(frozen=True)
+class NewBatch:
+    """Everything a batch row records besides its items."""
+
+    kind: str
+    model: str
+    params: dict[str, Any]  # the kind's spec
+    input_file: str
+    metadata: dict[str, Any]
+    window_s: int
+
+
 def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
-
-
-def create_batch(
-    input_path: str | Path,
-    settings: Settings,
-    *,
-    model: str | None = None,
-    sampling: SamplingParams | None = None,
-    system_prompt: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    completion_window: str = "24h",
-) -> str:
-    """Parse, store and enqueue a batch; returns its id. A bad file raises InputError and writes nothing."""
-    window_s = parse_window(completion_window)
-    model = model or settings.model
-    sampling = sampling or SamplingParams()
-    items = parse_input(input_path, defaults=sampling, served_model=model, system_prompt=system_prompt,
-                        max_line_bytes=settings.max_line_bytes, max_items=settings.max_items_per_batch)
-    upgrade(settings.database_url)
-    batch_id = new_batch_id()
-    _store(settings, batch_id, str(input_path), model, sampling, system_prompt, metadata or {}, items, window_s)
-    _enqueue(settings, batch_id, model)
-    return batch_id
 
 
 def refresh_planner_stats(settings: Settings, n_items: int) -> None:
@@ -64,16 +56,14 @@ def refresh_planner_stats(settings: Settings, n_items: int) -> None:
             conn.commit()
 
 
-def _store(settings: Settings, batch_id: str, input_file: str, model: str, sampling: SamplingParams,
-           system_prompt: str | None, metadata: dict[str, Any], items: list[ParsedItem], window_s: int,
-           kind: str = "generate", params: dict[str, Any] | None = None) -> None:
+def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[ParsedItem]) -> None:
+    """The batch row and every item row, in one transaction (PostgreSQL: COPY)."""
     now = utcnow()
     batch = Batch(
-        id=batch_id, kind=kind, endpoint=items[0].endpoint, model=model,
-        params=params if params is not None else {"sampling": sampling.model_dump(), "system_prompt": system_prompt},
-        status=BatchStatus.in_progress, input_file=input_file, metadata_=metadata, errors=[],
+        id=batch_id, kind=new.kind, endpoint=items[0].endpoint, model=new.model, params=new.params,
+        status=BatchStatus.in_progress, input_file=new.input_file, metadata_=new.metadata, errors=[],
         total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
-        completion_window_s=window_s, expires_at=now + timedelta(seconds=window_s), expired=0,
+        completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
         created_at=now, in_progress_at=now,
     )
     rows = (_item_row(batch_id, item, now) for item in items)
@@ -111,7 +101,7 @@ def _copy_items(session: Session, rows: Iterator[dict[str, Any]]) -> None:
             copy.write_row([row[column] for column in ITEM_COLUMNS])
 
 
-def _enqueue(settings: Settings, batch_id: str, model: str) -> None:
+def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str) -> None:
     """Send one task per chunk of queued item ids; SQL already holds everything, the broker only delivers."""
     make_session = get_sessionmaker(settings.database_url)
     with make_session() as session:
@@ -119,7 +109,7 @@ def _enqueue(settings: Settings, batch_id: str, model: str) -> None:
             select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued).order_by(Item.line)
         ).all()
     try:
-        send_chunks(settings, batch_id, model, list(ids))
+        queue.send_chunks(batch_id, model, list(ids))
     except Exception as exc:  # kombu raises many kinds; all mean "not delivered"
         _mark_failed(settings, batch_id, f"could not enqueue on {redact(settings.broker_url)}: {type(exc).__name__}")
         raise BrokerError(f"batch {batch_id} was stored but could not be enqueued on "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -68,6 +69,19 @@ def upgrade(url: str, revision: str = "head") -> None:
     cfg.attributes["connection_url"] = url
     with _migration_lock(url):
         command.upgrade(cfg, revision)
+
+
+@lru_cache(maxsize=8)
+def prepare_schema(url: str) -> None:
+    """`upgrade` once per process and database: what a service or worker does when it starts (quietly;
+    `gristmill db upgrade` shows each migration)."""
+    log = logging.getLogger("alembic")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        upgrade(url)
+    finally:
+        log.setLevel(level)
 
 
 @contextmanager

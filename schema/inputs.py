@@ -47,8 +47,8 @@ class ParsedItem:
 
     line: int  # 1-based, blank lines included: the line an editor shows
     custom_id: str
-    endpoint: str  # CHAT_URL or COMPLETIONS_URL; simple lines are chat requests
-    request: GenerationRequest
+    endpoint: str  # the kind's endpoint: CHAT_URL or COMPLETIONS_URL for generation (simple lines: chat)
+    request: BaseModel  # what the worker runs, stored in items.request (generation: GenerationRequest)
     body: dict[str, Any]  # the OpenAI body, or the whole simple line, verbatim, for audit
     error: str | None = None
 

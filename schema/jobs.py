@@ -21,11 +21,12 @@ class SamplingParams(BaseModel):
     """Sampling parameters every engine honours. Frozen: one object is shared by every item of a job."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    max_tokens: int = Field(default=256, ge=1, le=32768)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] | None = None
-    seed: int | None = None
+    max_tokens: int = Field(default=256, ge=1, le=32768, description="most tokens generated per item (256)")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling (1.0)")
+    stop: list[str] | None = Field(default=None, description="stop string (repeatable)",
+                                   json_schema_extra={"cli": "append"})
+    seed: int | None = Field(default=None, description="sampling seed")
 
 
 class GenerationRequest(BaseModel):

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     engine: str = "auto"  # auto | vllm | transformers
     home: Path = Path(".gristmill")  # embedded broker folder lives here
     cache_dir: Path = Path.home() / ".cache" / "gristmill"  # prepared models
-    chunk_size: int = Field(default=0, ge=0)  # items per task; 0: half the engine's max_num_seqs (worker.dispatch)
+    chunk_size: int = Field(default=0, ge=0)  # items per task; 0: half the engine's max_num_seqs (schema.queue)
     inflight_chunks: int = Field(default=0, ge=0)  # chunks a worker runs at once; 0: from the engine's capacity
     max_model_len: int = Field(default=2048, ge=64)
     max_line_bytes: int = Field(default=1_000_000, ge=1)

@@ -17,11 +17,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from schema.classify import Classification, ClassifyRequest
 from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
+from schema.kinds.classify import Classification, ClassifyRequest
 from schema.settings import Settings
-from worker import calibration, classify_prompt
-from worker.classify import ClassifyResult, _single_key, classify
 from worker.engine_loop import EngineLoop
 from worker.engines import Engine, load_engine
 from worker.engines.hf_head import TransformersHeadEngine
@@ -29,6 +27,8 @@ from worker.engines.labels import LabelQuery, tokenize
 from worker.engines.transformers_engine import TransformersEngine
 from worker.engines.vllm_engine import VLLMEngine
 from worker.engines.vllm_head import VLLMHeadEngine
+from worker.kinds import calibration, classify_prompt
+from worker.kinds.classify import ClassifyResult, _single_key, classify
 
 MODEL = "smollm2-135m-instruct"
 ENGINE_NAMES = ["transformers", "vllm"]

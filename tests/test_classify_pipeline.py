@@ -14,16 +14,18 @@ from sqlalchemy import func, select
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from producer import api
-from schema.classify_outputs import ClassifyOutputLine
 from schema.db import get_sessionmaker, upgrade
 from schema.errors import InputError
+from schema.kinds.classify import ClassifyOutputLine
+from schema.models import resolve_model
+from schema.queue import Queue
 from schema.states import BatchStatus
 from schema.tables import Batch, Classification, Item, Result
 from tests.conftest import gristmill
-from worker import calibration, executor
+from worker import executor
 from worker.engine_loop import EngineLoop
 from worker.engines import load_engine
-from worker.models import resolve_model
+from worker.kinds import calibration
 from worker.runtime import Runtime
 
 SENTIMENT = "What is the sentiment of this review?"
@@ -172,7 +174,7 @@ def test_classifications_are_stored_once_and_exported(db_url: str, settings_for,
                         labels=["positive", "negative"], instruction=SENTIMENT, calibrate=False, settings=settings)
     with get_sessionmaker(db_url)() as session:
         ids = list(session.scalars(select(Item.id).where(Item.batch_id == handle.id).order_by(Item.line)))
-    runtime = Runtime(settings, *engine)
+    runtime = Runtime(settings, *engine, queue=Queue(settings))
     assert executor.run_chunk(runtime, handle.id, ids) == {"claimed": 3, "succeeded": 3, "failed": 0}
     assert executor.run_chunk(runtime, handle.id, ids)["claimed"] == 0  # a redelivery changes nothing
     assert handle.status().status == BatchStatus.completed

@@ -11,16 +11,26 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from producer.classify_submit import classify_spec
-from schema.classify import ClassifyRequest, ClassifySpec, check_labels, load_labels_file, split_labels
-from schema.classify_inputs import parse_classify_input
-from schema.classify_outputs import ClassifyOutputLine, classified_line, failed_line
 from schema.errors import InputError
-from worker import calibration
+from schema.kinds import KINDS
+from schema.kinds.classify import ClassifyOutputLine, ClassifyRequest, ClassifySpec, parse_classify_stream
+from schema.kinds.flags import split_list as split_labels
+from schema.labels import check_labels, load_labels_file
+from schema.models import resolve_model
+from schema.outputs import ErrorRecord
 from worker.engines.labels import continuation_ids, end_token_id, greedy_walk
-from worker.models import resolve_model
+from worker.kinds import calibration
 
 LIMITS: dict[str, Any] = {"max_line_bytes": 10_000, "max_items": 100}
+
+
+def classify_spec(labels: list[str] | None, **options: Any) -> ClassifySpec:
+    return KINDS["classify"].spec(labels=labels, **options)  # type: ignore[return-value]
+
+
+def parse_classify_input(path: Path, spec: ClassifySpec, **limits: Any) -> list[Any]:
+    with open(path, "rb") as stream:
+        return parse_classify_stream(stream, str(path), spec, **limits)
 
 
 # --- labels --------------------------------------------------------------------------------------
@@ -154,14 +164,15 @@ def test_too_many_lines_and_empty_files(tmp_path: Path) -> None:
 
 
 def test_output_lines_have_exactly_one_outcome() -> None:
-    from schema.classify import Classification
+    from schema.kinds.classify import Classification
 
-    ok = classified_line("a", Classification(label="p", probabilities={"p": 0.7, "n": 0.3}, method="score",
-                                             calibrated=True, raw_probabilities={"p": 0.9, "n": 0.1}))
+    answer = Classification(label="p", probabilities={"p": 0.7, "n": 0.3}, method="score", calibrated=True,
+                            raw_probabilities={"p": 0.9, "n": 0.1})
+    ok = ClassifyOutputLine(custom_id="a", **answer.model_dump())
     again = ClassifyOutputLine.model_validate_json(ok.model_dump_json())
     assert again == ok and again.error is None
     assert set(json.loads(ok.model_dump_json())) >= {"custom_id", "label", "probabilities", "error"}
-    bad = failed_line("b", "item_failed", "too long")
+    bad = ClassifyOutputLine(custom_id="b", error=ErrorRecord(code="item_failed", message="too long"))
     assert bad.label is None and bad.error is not None and bad.error.message == "too long"
     with pytest.raises(ValueError, match="exactly one"):
         ClassifyOutputLine(custom_id="c")

@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import select
 
 from producer import api
-from schema.classify_outputs import ClassifyOutputLine
 from schema.db import get_sessionmaker
+from schema.kinds.classify import ClassifyOutputLine
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Classification, Item, Result
 from tests.test_faults import RedisServer, Workers, assert_consistent

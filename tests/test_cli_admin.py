@@ -19,13 +19,13 @@ from sqlalchemy import JSON, DateTime, bindparam, create_engine, inspect, select
 from sqlalchemy.types import TypeEngine
 
 from producer import api
+from schema import store
 from schema.db import MIGRATIONS, get_sessionmaker
 from schema.outputs import OutputLine
+from schema.queue import RUN_CHUNK, queue_for
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
 from tests.conftest import gristmill
-from worker import store
-from worker.celery_app import RUN_CHUNK, queue_for
 
 CHAT = {"method": "POST", "url": "/v1/chat/completions"}
 

@@ -17,10 +17,9 @@ from sqlalchemy import func, select
 
 from schema.db import get_sessionmaker
 from schema.outputs import OutputLine
+from schema.queue import Queue, chunk_size, fitting_chunk_size, queue_for
 from schema.tables import Result, Worker
 from tests.conftest import REPO, cli_env, gristmill
-from worker.celery_app import RUN_CHUNK, app, broker_options, queue_for
-from worker.dispatch import chunk_size, fitting_chunk_size
 
 QUESTIONS = REPO / "examples" / "questions.jsonl"
 
@@ -101,9 +100,7 @@ def _redeliver_first_chunk(settings, batch_id: str, pg_url: str) -> None:  # typ
 
     with get_sessionmaker(pg_url)() as session:
         ids = list(session.scalars(select(Item.id).where(Item.batch_id == batch_id).order_by(Item.line)))
-    url, options = broker_options(settings)
-    with app.connection_for_write(url, transport_options=options) as conn, conn.Producer() as producer:
-        app.send_task(RUN_CHUNK, args=[batch_id, ids], queue=queue_for(settings.model), producer=producer)
+    Queue(settings).send(batch_id, settings.model, [ids])
     client = redis.Redis.from_url(settings.broker_url)
     deadline = time.monotonic() + 60
     while client.llen(queue_for(settings.model)) or client.hlen("unacked"):

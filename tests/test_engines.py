@@ -16,11 +16,12 @@ import pytest
 
 from schema.errors import EngineError, ModelError
 from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
+from schema.models import resolve_model
 from schema.settings import Settings
 from worker.engines import Engine, load_engine, pick_engine
 from worker.engines.transformers_engine import TransformersEngine
 from worker.engines.vllm_engine import VLLMEngine
-from worker.models import prepare, prepare_for_vllm, resolve_model
+from worker.models import prepare, prepare_for_vllm
 
 MODEL = "smollm2-135m-instruct"
 ENGINE_NAMES = ["transformers", "vllm"]

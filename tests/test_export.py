@@ -16,14 +16,14 @@ import pytest
 from sqlalchemy import select, update
 
 from producer import api
-from producer.export import CSV_COLUMNS
+from schema import store
 from schema.db import epoch, get_sessionmaker
+from schema.kinds.generate import CSV_COLUMNS
 from schema.lines import CHAT_URL, COMPLETIONS_URL
 from schema.outputs import ChatCompletionBody, CompletionBody, OutputLine
 from schema.states import ItemStatus
 from schema.tables import Batch, Item, Result
 from tests.conftest import gristmill
-from worker import store
 from worker.reconciler import expire_due
 
 # custom_id -> (answer text, finish_reason, prompt tokens, completion tokens), or an engine error

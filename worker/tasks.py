@@ -1,16 +1,20 @@
-"""Celery tasks. Thin: the work is in worker.executor, which tests can call directly."""
+"""The Celery task. Thin: the work is in worker.executor, which tests can call directly."""
 
 from __future__ import annotations
 
-from celery import Task
+from celery import Celery, Task
 
+from schema.queue import RUN_CHUNK
 from worker import executor, runtime
-from worker.celery_app import RUN_CHUNK, app
 
 MAX_RETRIES = 10  # then the reconciler takes over: items stay queued in SQL
 
 
-@app.task(name=RUN_CHUNK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def bind(app: Celery) -> None:
+    """Register the chunk task on the worker's app (explicitly: importing this module does nothing)."""
+    app.task(name=RUN_CHUNK, bind=True, acks_late=True, reject_on_worker_lost=True)(run_chunk)
+
+
 def run_chunk(self: Task, batch_id: str, item_ids: list[int]) -> dict[str, int]:
     """Run one chunk of a batch's items on this worker's engine.
 

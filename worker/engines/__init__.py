@@ -75,8 +75,7 @@ def load_engine(model: str, engine: str = "auto", settings: Settings | None = No
 
 
 def _is_head(model: str) -> bool:
-    from worker.engines.heads import head_config
-    from worker.models import resolve_model
+    from schema.models import head_config, resolve_model
 
     try:
         return head_config(resolve_model(model)) is not None

@@ -10,12 +10,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from schema.errors import EngineError, ModelError
 from schema.jobs import GenerationRequest, GenerationResult
+from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import failed_result
-from worker.engines.heads import head_config, head_labels
 from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
 from worker.engines.transformers_engine import compute_dtype
-from worker.models import resolve_model
 
 DEFAULT_BATCH_SIZE = 32
 NOT_GENERATIVE = "the model is a classification model: it classifies, it cannot generate text"

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from schema.errors import EngineError, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
+from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import admit, failed_result, hf_labels
 from worker.engines.labels import (
@@ -24,7 +25,6 @@ from worker.engines.labels import (
     greedy_walk,
     split_runnable,
 )
-from worker.models import ModelSource, resolve_model
 
 DEFAULT_BATCH_SIZE = 32
 

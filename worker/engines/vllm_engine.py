@@ -19,10 +19,11 @@ from transformers import AutoTokenizer
 
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest, GenerationResult
+from schema.models import resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import admit, failed_result, run_to_completion, vllm_labels
 from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery, split_runnable, tokenize
-from worker.models import prepare_for_vllm, resolve_model
+from worker.models import prepare_for_vllm
 
 if TYPE_CHECKING:
     import vllm

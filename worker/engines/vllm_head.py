@@ -6,13 +6,12 @@ from typing import Any, ClassVar
 
 from schema.errors import EngineError, ModelError
 from schema.jobs import GenerationRequest, GenerationResult
+from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import failed_result
-from worker.engines.heads import head_config, head_labels
 from worker.engines.hf_head import NOT_GENERATIVE, NOT_PROMPTED
 from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
 from worker.engines.vllm_engine import VLLMEngine
-from worker.models import resolve_model
 
 
 class VLLMHeadEngine(VLLMEngine):

@@ -8,8 +8,8 @@ instruction they are all the model learns about the task.
 
 from __future__ import annotations
 
-from schema.classify import ClassifyRequest
 from schema.jobs import ChatMessage
+from schema.kinds.classify import ClassifyRequest
 from worker.engines.labels import LabelQuery
 
 DEFAULT_INSTRUCTION = "Which of these labels fits the text best: {labels}?"

@@ -1,16 +1,27 @@
-"""Classifies a list of requests on an engine: label scoring (calibrated or not), guided choice,
-multi-label yes/no, or a classification head. Runs on the thread that owns the engine.
+"""Classification, the execution: label scoring (calibrated or not), guided choice, multi-label yes/no,
+or a classification head, run on the thread that owns the engine; the answer becomes the item's result
+(its label as the text) and a row of the classifications table, written in the same transaction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
-from schema.classify import Classification, ClassifyRequest
-from worker import calibration, classify_prompt
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from schema import store
+from schema.db import utcnow
+from schema.kinds.classify import Classification, ClassifyRequest
+from schema.tables import Classification as ClassificationRow
 from worker.engines.base import Engine
 from worker.engines.labels import LabelLogprobs, LabelQuery
+from worker.kinds import calibration, classify_prompt
+from worker.kinds.base import Ran, Runner, bounded
+from worker.runtime import Runtime
 
 
 @dataclass
@@ -174,3 +185,48 @@ def _heads(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResu
             results.append(ClassifyResult(_answer(labels, scores.probabilities, scores.probabilities, "head",
                                                   False), scores.prompt_tokens))
     return results
+
+
+# --- the kind's runner --------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifyOutcome(store.Outcome):
+    """An outcome whose Result row holds the label; the classification itself goes to its own table."""
+
+    classification: Classification | None = None
+
+
+class Classify(Runner):
+    kind = "classify"
+
+    def run(self, runtime: Runtime, claimed: list[store.Claimed]) -> Ran:
+        """Classify the claimed items on the engine's own thread (vLLM's LLM is not thread-safe)."""
+        requests = [ClassifyRequest.model_validate(c.request) for c in claimed]
+        started = utcnow()
+        results = bounded(runtime, runtime.loop.call(lambda: classify(runtime.engine, requests)))
+        finished = utcnow()
+        outcomes: list[store.Outcome] = [
+            ClassifyOutcome(item=c, text=_text(r.classification), prompt_tokens=r.prompt_tokens,
+                            completion_tokens=r.completion_tokens, error=r.error, classification=r.classification)
+            for c, r in zip(claimed, results, strict=True)
+        ]
+        return outcomes, started, finished
+
+    def stage(self, session: Session, batch_id: str, succeeded: list[store.Outcome], finished: datetime) -> None:
+        """Insert the classifications of succeeded outcomes (a repeat of the chunk inserts nothing)."""
+        rows = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
+                 **o.classification.model_dump(), "created_at": finished}
+                for o in succeeded if isinstance(o, ClassifyOutcome) and o.classification and o.error is None]
+        if rows:
+            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+            session.execute(insert(ClassificationRow).on_conflict_do_nothing(index_elements=["item_id"]), rows)
+
+
+def _text(result: Classification | None) -> str:
+    if result is None:
+        return ""
+    return ",".join(result.labels) if result.labels is not None else result.label
+
+
+RUNNER = Classify()

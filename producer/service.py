@@ -1,0 +1,181 @@
+"""The service core: everything that puts work in or reads it out, for any kind of batch.
+
+Submit from any binary source (a path, an open file, an upload's bytes, a generator of byte chunks) with
+the whole input validated before anything is stored; read a batch's status; list and cancel batches;
+iterate over its output lines or CSV rows, streamed from SQL, without writing a file. The Python API
+(producer.api), the CLI and later the HTTP API and the scheduler are thin layers over a `Service`.
+
+A Service brings its database to the latest schema once, when it is made (as a worker does at start);
+it connects to the broker only when it first submits.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel
+from sqlalchemy import Row, select
+from sqlalchemy.orm import Session
+
+from producer import stats
+from producer.submit import NewBatch, enqueue, new_batch_id, store_batch
+from schema import kinds, store
+from schema.batch_object import BatchObject
+from schema.db import get_sessionmaker, prepare_schema, utcnow
+from schema.errors import BatchNotFound, BatchStateError, InputError
+from schema.jobs import parse_window
+from schema.queue import Queue
+from schema.settings import Settings, get_settings
+from schema.states import BatchStatus
+from schema.tables import Batch
+
+Source = str | Path | bytes | BinaryIO | Iterable[bytes]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One finished item of a batch's output: its line (OpenAI output line, classification line, ...),
+    whether it succeeded, and its CSV row."""
+
+    ok: bool
+    line: BaseModel
+    row: Row[Any]
+
+
+class Service:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._sessions = get_sessionmaker(self.settings.database_url)
+        self._queue: Queue | None = None
+        prepare_schema(self.settings.database_url)
+
+    @property
+    def queue(self) -> Queue:
+        if self._queue is None:
+            self._queue = Queue(self.settings)
+        return self._queue
+
+    # --- putting work in ----------------------------------------------------------------------
+
+    def submit(self, source: Source, *, name: str | None = None, task: str = "generate", model: str | None = None,
+               metadata: dict[str, Any] | None = None, completion_window: str = "24h", **options: Any) -> str:
+        """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
+        (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
+        InputError naming the source, line and field, and nothing is written."""
+        kind = kinds.get(task)
+        spec = kind.spec(**options)
+        window_s = parse_window(completion_window)
+        model = model or self.settings.model
+        limits = kinds.Limits(model, self.settings.max_line_bytes, self.settings.max_items_per_batch)
+        name = name or (str(source) if isinstance(source, (str, Path)) else "<input>")
+        try:
+            with open_source(source, name) as stream:
+                items = kind.parse(stream, name, spec, limits)
+        except OSError as exc:  # a file that cannot be read (InputError is no OSError)
+            raise InputError(name, None, None, f"cannot read file: {exc.strerror or exc}") from exc
+        batch_id = new_batch_id()
+        new = NewBatch(kind.name, model, spec.model_dump(), name, metadata or {}, window_s)
+        store_batch(self.settings, batch_id, new, items)
+        enqueue(self.settings, self.queue, batch_id, model)
+        return batch_id
+
+    # --- reading it out -------------------------------------------------------------------------
+
+    def status(self, batch_id: str) -> BatchObject:
+        with self._sessions() as session:
+            return BatchObject.from_row(self._batch(session, batch_id), utcnow())
+
+    def list_batches(self, limit: int = 20) -> list[BatchObject]:
+        """The most recent batches first."""
+        with self._sessions() as session:
+            rows = session.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)).all()
+            now = utcnow()
+            return [BatchObject.from_row(row, now) for row in rows]
+
+    def cancel(self, batch_id: str) -> BatchObject:
+        """Stop queued items now; running ones finish and keep their results; ends `cancelled`."""
+        with self._sessions() as session, session.begin():
+            batch = self._batch(session, batch_id, for_update=True)
+            if batch.status not in (BatchStatus.validating, BatchStatus.in_progress, BatchStatus.cancelling):
+                raise BatchStateError(f"batch {batch_id} is {batch.status}; only a running batch can be cancelled")
+            batch.status, batch.cancelling_at = BatchStatus.cancelling, batch.cancelling_at or utcnow()
+            store.cancel_queued(session, batch_id)
+            store.close_if_done(session, batch_id)
+        return self.status(batch_id)
+
+    def output(self, batch_id: str) -> Iterator[Record]:
+        """The finished items in input order (streamed from SQL); items still queued or running are left out."""
+        with self._sessions() as session:
+            batch = self._batch(session, batch_id)
+            kind = kinds.get(batch.kind)
+            for row in kind.rows(session, batch):
+                line = kind.line(row, batch)
+                if line is not None:
+                    yield Record(ok=getattr(line, "error", None) is None, line=line, row=row)
+
+    def csv(self, batch_id: str) -> tuple[list[str], Iterator[tuple[bool, dict[str, Any]]]]:
+        """The CSV header, and (succeeded, row) for every finished item in input order."""
+        with self._sessions() as session:
+            batch = self._batch(session, batch_id)
+            kind = kinds.get(batch.kind)
+            columns = kind.csv_columns(session, batch)
+        rows = ((record.ok, kind.csv_row(record.row, record.line)) for record in self.output(batch_id))
+        return columns, rows
+
+    def stats(self, batch_id: str) -> dict[str, Any]:
+        with self._sessions() as session:
+            self._batch(session, batch_id)
+            return stats.summarise(session, batch_id)
+
+    def _batch(self, session: Session, batch_id: str, for_update: bool = False) -> Batch:
+        batch = session.get(Batch, batch_id, with_for_update=for_update)
+        if batch is None:
+            raise BatchNotFound(f"no batch with id {batch_id!r}")
+        return batch
+
+
+class open_source:  # used as a context manager, like open()
+    """A binary stream over any Source; a path is opened (and closed) here."""
+
+    def __init__(self, source: Source, name: str) -> None:
+        self.source, self.name = source, name
+        self.opened: BinaryIO | None = None
+
+    def __enter__(self) -> BinaryIO:
+        source = self.source
+        if isinstance(source, (str, Path)):
+            self.opened = open(source, "rb")  # closed in __exit__
+            return self.opened
+        if isinstance(source, (bytes, bytearray)):
+            return io.BytesIO(source)
+        if hasattr(source, "readline"):
+            return source  # type: ignore[return-value]
+        return io.BufferedReader(_ChunkReader(iter(source)))  # type: ignore[arg-type]
+
+    def __exit__(self, *_: object) -> None:
+        if self.opened is not None:
+            self.opened.close()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable raw stream over an iterator of byte chunks (a generator, an upload read in parts)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks, self.pending = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            try:
+                self.pending = next(self.chunks)
+            except StopIteration:
+                return 0
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size

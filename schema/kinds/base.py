@@ -1,0 +1,76 @@
+"""What a task kind's contract provides. A kind is a plug-in: this half (in schema/kinds/<kind>.py) says
+what a batch of it takes and gives back; its other half (worker/kinds/<kind>.py) runs it.
+
+Everything kind-specific the producer needs goes through a `Kind`: the spec a batch runs with (stored
+in `batches.params`), parsing an input stream into items, and reading finished items back out as
+output lines and CSV rows. Submission, export, the API and the CLI hold no kind-specific branch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, ClassVar
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import Row
+from sqlalchemy.orm import Session
+
+from schema.errors import InputError
+from schema.inputs import ParsedItem
+from schema.kinds.flags import FileFlags
+from schema.states import ItemStatus
+from schema.tables import Batch
+
+# The output error line's code of an item that ended without a result.
+ERROR_CODES = {ItemStatus.failed: "item_failed", ItemStatus.cancelled: "batch_cancelled",
+               ItemStatus.expired: "batch_expired"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What every input stream is parsed against, whatever its kind."""
+
+    model: str  # the model the batch runs on
+    max_line_bytes: int
+    max_items: int
+
+
+class Kind(ABC):
+    """A task kind's contract: name, spec, input parsing, output lines, CSV layout."""
+
+    name: str  # "generate", "classify", ...: the batch's `kind` column and `--task` value
+    spec_model: type[BaseModel]  # the batch's parameters; the CLI derives its flags from it
+    summary: str  # one line for `--task` help
+    file_flags: ClassVar[FileFlags] = {}  # spec fields that may also come from a file: `--labels-file`
+
+    def spec(self, **values: Any) -> BaseModel:
+        """The batch spec from keyword values (the API's, or the CLI's flags); InputError names the field."""
+        try:
+            return self.spec_model(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            field = ".".join(str(part) for part in error["loc"]) or self.name
+            message = str(error.get("ctx", {}).get("error", error["msg"]))
+            raise InputError(field, None, None, message) from None
+
+    @abstractmethod
+    def parse(self, stream: BinaryIO, name: str, spec: Any, limits: Limits) -> list[ParsedItem]:
+        """Every line of the stream as a ParsedItem; InputError (name:line: field) for the first bad line."""
+
+    @abstractmethod
+    def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
+        """The batch's items with their results, in input order (streamed: `yield_per`)."""
+
+    @abstractmethod
+    def line(self, row: Row[Any], batch: Batch) -> BaseModel | None:
+        """The output line of a finished item (its error line when it failed); None while it runs."""
+
+    @abstractmethod
+    def csv_columns(self, session: Session, batch: Batch) -> list[str]:
+        """The CSV header of the batch's export."""
+
+    @abstractmethod
+    def csv_row(self, row: Row[Any], line: BaseModel) -> dict[str, Any]:
+        """One CSV row (keys from csv_columns) of a finished item."""

@@ -1,0 +1,241 @@
+"""Classification, the contract: lines {"custom_id" or "id", "text", "labels"?} in; one answer per line
+out (a label and its probabilities), as JSONL or CSV with a probability column per label.
+
+A classification item is stored in `items.request` as a ClassifyRequest (its text plus everything the
+worker needs), so a worker runs it without reading the batch row, and a line that brings its own labels
+simply carries them. The answer lands in the `classifications` table. The worker half is
+worker/kinds/classify.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any, BinaryIO, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy import Row, select
+from sqlalchemy.orm import Session
+
+from schema.errors import InputError
+from schema.inputs import ParsedItem, _decode, _read_lines, _validate  # the generation parser's reading rules
+from schema.kinds.base import ERROR_CODES, Kind, Limits
+from schema.kinds.flags import FileFlags
+from schema.labels import check_labels, load_labels_file
+from schema.lines import CustomId
+from schema.models import model_head_labels
+from schema.outputs import ErrorRecord
+from schema.states import ItemStatus
+from schema.tables import Batch, Item
+from schema.tables import Classification as ClassificationRow
+
+CLASSIFY_ENDPOINT = "/v1/classify"  # gristmill's own: OpenAI's batch API has no classification endpoint
+
+# score: every label scored as a continuation of the prompt; choice: guided generation among the
+# labels; head: the model is a sequence-classification model and scores its own labels.
+Method = Literal["score", "choice"]
+UsedMethod = Literal["score", "choice", "head"]
+
+
+class ClassifySpec(BaseModel):
+    """A classification batch's parameters; each line may override `labels`."""
+
+    model_config = ConfigDict(extra="forbid")
+    # None only for a classification-head model, whose labels it knows
+    labels: list[str] | None = Field(default=None, description="comma-separated labels, e.g. positive,negative")
+    instruction: str | None = Field(default=None, description="the question asked about each text; {labels} "
+                                                              "lists them")
+    method: Method = Field(default="score", description="score every label (default), or guided generation "
+                                                        "of one")
+    calibrate: bool = Field(default=True, description="raw label probabilities, without contextual calibration")
+    multi_label: bool = Field(default=False, description="each label yes or no on its own")
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.5, description="with --multi-label: a label applies from here (0.5)")
+
+    @field_validator("labels")
+    @classmethod
+    def _valid_labels(cls, labels: list[str] | None) -> list[str] | None:
+        return None if labels is None else check_labels(labels)
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> ClassifySpec:
+        if self.multi_label and self.method == "choice":
+            raise ValueError("multi-label scores each label on its own: use method 'score', not 'choice'")
+        return self
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_not_blank(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+
+class ClassifyRequest(ClassifySpec):
+    """One item: the text and the spec it runs under (the line's own labels already merged in)."""
+
+    task: Literal["classify"] = "classify"
+    text: str
+
+
+class Classification(BaseModel):
+    """One item's answer: what the classifications table stores and exports write."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str  # the most probable label (multi-label: the most probable one, even under the threshold)
+    labels: list[str] | None = None  # multi-label only: every label at or above the threshold
+    probabilities: dict[str, float]  # sums to 1, except multi-label (one yes-probability per label)
+    raw_probabilities: dict[str, float] | None = None  # before calibration; None for guided choice
+    method: UsedMethod
+    calibrated: bool
+
+
+# --- input --------------------------------------------------------------------------------------
+
+
+class ClassifyLine(BaseModel):
+    """One input line of a classification batch; `labels` overrides the batch's labels for this line."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")  # as schema.lines: no silent coercion
+    custom_id: CustomId | None = None
+    id: CustomId | None = None
+    text: Annotated[str, Field(min_length=1)]
+    labels: list[str] | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _valid_labels(cls, labels: list[str] | None) -> list[str] | None:
+        return None if labels is None else check_labels(labels)
+
+
+def parse_classify_stream(stream: BinaryIO, name: str, spec: ClassifySpec, *, max_line_bytes: int,
+                          max_items: int, head_labels: list[str] | None = None) -> list[ParsedItem]:
+    """Every line as a ParsedItem of a ClassifyRequest; InputError for the first bad line.
+
+    `head_labels`: the labels of a classification-head model, when the model is one; lines may then
+    omit labels, and labels they give must be the model's.
+    """
+    items: list[ParsedItem] = []
+    first: dict[str, int] = {}  # custom_id -> line it first appeared on
+    for lineno, raw in _read_lines(stream, name, max_line_bytes):
+        if not raw.strip():
+            continue
+        if len(items) == max_items:
+            raise InputError(name, lineno, None, f"file has more than {max_items} requests; the limit is {max_items}")
+        item = _item(_decode(raw, name, lineno), lineno, name, spec, head_labels)
+        seen = first.setdefault(item.custom_id, lineno)
+        if seen != lineno:
+            raise InputError(name, lineno, "custom_id", f"duplicate custom_id {item.custom_id!r}; first used on "
+                                                        f"line {seen}")
+        items.append(item)
+    if not items:
+        raise InputError(name, None, None, "file has no requests")
+    return items
+
+
+def _item(obj: dict[str, Any], lineno: int, name: str, spec: ClassifySpec,
+          head_labels: list[str] | None) -> ParsedItem:
+    if "body" in obj or ("url" in obj and "text" not in obj):
+        raise InputError(name, lineno, None, "classification lines are {\"custom_id\" or \"id\", \"text\", "
+                                             "\"labels\" (optional)}, not OpenAI batch requests")
+    line = _validate(ClassifyLine, obj, name, lineno, "")
+    custom_id = line.custom_id or line.id
+    if custom_id is None:
+        raise InputError(name, lineno, "custom_id", "required field is missing (give 'custom_id' or 'id')")
+    labels = line.labels or spec.labels
+    if head_labels is not None and labels is not None and sorted(labels) != sorted(head_labels):
+        raise InputError(name, lineno, "labels", f"the model is a classifier with labels {head_labels}; "
+                                                 f"labels {labels} differ")
+    if labels is None and head_labels is None:
+        raise InputError(name, lineno, "labels", "no labels: give them for the batch (--labels, "
+                                                 "--labels-file) or on this line")
+    request = ClassifyRequest(**{**spec.model_dump(), "labels": labels}, text=line.text)
+    return ParsedItem(lineno, custom_id, CLASSIFY_ENDPOINT, request, obj)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+class ClassifyOutputLine(BaseModel):
+    """{"custom_id", "label", "labels", "probabilities", "raw_probabilities", "method", "calibrated",
+    "error"}: a failed item has `error` set and the rest null. `probabilities` sum to 1 over the labels,
+    except for multi-label batches, where each label has its own yes-probability and `labels` lists
+    those at or above the threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+    custom_id: str
+    label: str | None = None
+    labels: list[str] | None = None
+    probabilities: dict[str, float] | None = None
+    raw_probabilities: dict[str, float] | None = None
+    method: UsedMethod | None = None
+    calibrated: bool | None = None
+    error: ErrorRecord | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_outcome(self) -> ClassifyOutputLine:
+        if (self.label is None) == (self.error is None):
+            raise ValueError("a classification line has exactly one of label and error")
+        if self.label is not None and (self.probabilities is None or self.label not in self.probabilities):
+            raise ValueError("a classified line has a probability for its label")
+        return self
+
+
+BASE_COLUMNS = ["custom_id", "status", "label", "labels", "method", "calibrated"]
+PROBABILITY_PREFIX = "p_"
+
+
+class Classify(Kind):
+    name = "classify"
+    spec_model = ClassifySpec
+    summary = "a label and its probabilities per line {custom_id|id, text, labels?}"
+    file_flags: ClassVar[FileFlags] = {"labels": load_labels_file}
+
+    def parse(self, stream: BinaryIO, name: str, spec: ClassifySpec, limits: Limits) -> list[ParsedItem]:
+        head = model_head_labels(limits.model)  # a classification model visible here brings its own labels
+        return parse_classify_stream(stream, name, spec, max_line_bytes=limits.max_line_bytes,
+                                     max_items=limits.max_items, head_labels=head)
+
+    def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
+        stmt = (
+            select(Item.custom_id, Item.status, Item.last_error, ClassificationRow.label, ClassificationRow.labels,
+                   ClassificationRow.probabilities, ClassificationRow.raw_probabilities, ClassificationRow.method,
+                   ClassificationRow.calibrated)
+            .outerjoin(ClassificationRow, ClassificationRow.item_id == Item.id)
+            .where(Item.batch_id == batch.id)
+            .order_by(Item.line)
+            .execution_options(yield_per=2000)
+        )
+        yield from session.execute(stmt)  # type: ignore[misc]  # a typed Row is a Row
+
+    def line(self, row: Row[Any], batch: Batch) -> ClassifyOutputLine | None:
+        if row.status == ItemStatus.succeeded and row.label is not None:
+            result = Classification(label=row.label, labels=row.labels, probabilities=row.probabilities,
+                                    raw_probabilities=row.raw_probabilities, method=row.method,
+                                    calibrated=row.calibrated)
+            return ClassifyOutputLine(custom_id=row.custom_id, **result.model_dump())
+        if row.status in ERROR_CODES:
+            error = ErrorRecord(code=ERROR_CODES[row.status], message=row.last_error or str(row.status))
+            return ClassifyOutputLine(custom_id=row.custom_id, error=error)
+        return None
+
+    def csv_columns(self, session: Session, batch: Batch) -> list[str]:
+        """A probability column per label, in order of first appearance: the batch's, then lines' own."""
+        params = batch.params or {}
+        params = params.get("classify", params)  # batches stored before task kinds nested their spec
+        labels: dict[str, None] = dict.fromkeys(params.get("labels") or [])
+        stmt = select(ClassificationRow.probabilities).where(ClassificationRow.batch_id == batch.id)
+        for (probabilities,) in session.execute(stmt.execution_options(yield_per=5000)):
+            labels.update(dict.fromkeys(probabilities))
+        return [*BASE_COLUMNS, *(PROBABILITY_PREFIX + label for label in labels), "error"]
+
+    def csv_row(self, row: Row[Any], line: BaseModel) -> dict[str, Any]:
+        assert isinstance(line, ClassifyOutputLine)
+        probabilities = {PROBABILITY_PREFIX + k: v for k, v in (line.probabilities or {}).items()}
+        return {
+            "custom_id": line.custom_id, "status": str(row.status), "label": line.label or "",
+            "labels": json.dumps(line.labels) if line.labels is not None else "", "method": line.method or "",
+            "calibrated": "" if line.calibrated is None else str(line.calibrated).lower(), **probabilities,
+            "error": line.error.message if line.error else "",
+        }
+
+
+KIND = Classify()

@@ -1,0 +1,83 @@
+"""Generation, the contract: OpenAI batch lines (/v1/chat/completions, /v1/completions) or simple JSONL
+in; OpenAI batch output lines (or CSV) out. The line formats are in schema.lines, schema.inputs and
+schema.outputs; the worker half is worker/kinds/generate.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row, select
+from sqlalchemy.orm import Session
+
+from schema.db import epoch
+from schema.inputs import ParsedItem, parse_input_stream
+from schema.jobs import SamplingParams
+from schema.kinds.base import ERROR_CODES, Kind, Limits
+from schema.outputs import OutputLine, error_line, success_line
+from schema.states import ItemStatus
+from schema.tables import Batch, Item, Result
+
+CSV_COLUMNS = ["custom_id", "status", "output_text", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
+
+
+class GenerateSpec(BaseModel):
+    """A generation batch's parameters: sampling defaults (an OpenAI line's body overrides them) and the
+    system prompt of simple lines."""
+
+    model_config = ConfigDict(extra="forbid")
+    sampling: SamplingParams = SamplingParams()
+    system_prompt: str | None = Field(default=None, description="system prompt for simple JSONL lines",
+                                      json_schema_extra={"flag": "--system"})
+
+
+class Generate(Kind):
+    name = "generate"
+    spec_model = GenerateSpec
+    summary = "a completion per line (OpenAI batch lines, or simple {custom_id|id, text})"
+
+    def parse(self, stream: BinaryIO, name: str, spec: GenerateSpec, limits: Limits) -> list[ParsedItem]:
+        return parse_input_stream(stream, name, defaults=spec.sampling, served_model=limits.model,
+                                  max_line_bytes=limits.max_line_bytes, max_items=limits.max_items,
+                                  system_prompt=spec.system_prompt)
+
+    def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
+        stmt = (
+            select(Item.id, Item.custom_id, Item.endpoint, Item.status, Item.last_error, Item.model,
+                   Result.output_text, Result.finish_reason, Result.prompt_tokens, Result.completion_tokens,
+                   Result.created_at)
+            .outerjoin(Result, Result.item_id == Item.id)
+            .where(Item.batch_id == batch.id)
+            .order_by(Item.line)
+            .execution_options(yield_per=2000)
+        )
+        yield from session.execute(stmt)  # type: ignore[misc]  # a typed Row is a Row
+
+    def line(self, row: Row[Any], batch: Batch) -> OutputLine | None:
+        if row.status == ItemStatus.succeeded and row.output_text is not None:
+            return success_line(
+                custom_id=row.custom_id, request_id=f"req_{row.id}", model=row.model or batch.model,
+                url=row.endpoint, text=row.output_text, finish_reason=row.finish_reason,
+                prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+                created=epoch(row.created_at) or 0, line_id=f"batch_req_{row.id}",
+            )
+        if row.status in ERROR_CODES:
+            return error_line(row.custom_id, ERROR_CODES[row.status], row.last_error or row.status,
+                              line_id=f"batch_req_{row.id}")
+        return None
+
+    def csv_columns(self, session: Session, batch: Batch) -> list[str]:
+        return CSV_COLUMNS
+
+    def csv_row(self, row: Row[Any], line: BaseModel) -> dict[str, Any]:
+        ok = row.status == ItemStatus.succeeded
+        return {
+            "custom_id": row.custom_id, "status": row.status, "output_text": row.output_text if ok else "",
+            "finish_reason": row.finish_reason if ok else "", "prompt_tokens": row.prompt_tokens if ok else "",
+            "completion_tokens": row.completion_tokens if ok else "", "error": "" if ok else row.last_error,
+        }
+
+
+KIND = Generate()

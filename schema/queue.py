@@ -1,0 +1,133 @@
+"""The queue contract both sides share: task and queue names, the Celery app built from settings, and
+sending chunks of item ids. Nothing happens at import: an app exists once `Queue(settings)` is made.
+
+A producer sends chunks at submission; a worker sends them again when it splits a chunk, and the
+reconciler when SQL says items should run but no message carries them. The task itself is bound to
+the app by the worker (worker.tasks); a producer sends it by name and needs no engine code.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from itertools import islice
+from typing import Any
+
+from celery import Celery
+from kombu import Connection
+
+from schema import workers
+from schema.settings import EMBEDDED_BROKER, Settings
+
+RUN_CHUNK = "gristmill.run_chunk"
+FALLBACK_CHUNK_SIZE = 64  # before any worker of the model has reported its engine's capacity
+
+
+def queue_for(model: str) -> str:
+    """A queue per model, so a worker only takes work for the model it has loaded."""
+    return "gristmill." + re.sub(r"[^A-Za-z0-9_.\-]+", "_", model).strip("_")[-180:]
+
+
+def batched(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(iterable)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def fitting_chunk_size(max_num_seqs: int) -> int:
+    """Half of what the engine runs at once: two chunks fill it while a third is fetched or written."""
+    return max(1, max_num_seqs // 2)
+
+
+def chunk_size(settings: Settings, model: str) -> int:
+    """GRISTMILL_CHUNK_SIZE when set; else sized to the live workers' engines for this model."""
+    if settings.chunk_size:
+        return settings.chunk_size
+    capacity = workers.capacity(settings, model)
+    return fitting_chunk_size(capacity) if capacity else FALLBACK_CHUNK_SIZE
+
+
+def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The broker URL and its transport options (no side effects; see `prepare_broker`)."""
+    if settings.broker_url != EMBEDDED_BROKER:
+        # Redelivery of an unacked message happens only after this long: longer than any chunk runs.
+        return settings.broker_url, {"visibility_timeout": settings.visibility_timeout_s}
+    folder = settings.broker_folder.resolve()
+    options = {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "control_folder": str(folder / "control"),
+        "polling_interval": 0.2,
+    }
+    return EMBEDDED_BROKER, options
+
+
+def prepare_broker(settings: Settings) -> None:
+    """The embedded broker's folders must exist before anyone sends or consumes."""
+    if settings.broker_url == EMBEDDED_BROKER:
+        for sub in ("queue", "control"):
+            (settings.broker_folder / sub).mkdir(parents=True, exist_ok=True)
+
+
+def tls_options(url: str) -> dict[str, Any] | None:
+    """`rediss://` URLs: verify the server's certificate unless the URL itself says otherwise."""
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None
+
+
+def make_app(settings: Settings, model: str | None = None) -> Celery:
+    """A Celery app for these settings: JSON only, late acks, the model's queue by default."""
+    url, options = broker_options(settings)
+    app = Celery("gristmill", set_as_current=False)
+    app.conf.update(
+        broker_use_ssl=tls_options(url),
+        broker_url=url,
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],  # a pickled message is refused, never executed
+        result_accept_content=["json"],
+        task_acks_late=True,  # a chunk is acked only after its results are in SQL
+        task_reject_on_worker_lost=True,  # a killed worker's chunk goes back to the queue
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_default_queue=queue_for(model or settings.model),
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app
+
+
+class Queue:
+    """Sends chunk tasks to the model queues of one broker; build one per process and settings."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or make_app(settings)
+        prepare_broker(settings)
+
+    def connection(self) -> AbstractContextManager[Connection]:
+        # An explicit connection, not the app's pool: a process may talk to several brokers (tests do).
+        url, options = broker_options(self.settings)
+        return self.app.connection_for_write(url, transport_options=options)  # type: ignore[no-any-return]
+
+    def send_chunks(self, batch_id: str, model: str, item_ids: list[int]) -> int:
+        """One task per chunk of ids, sized for the model's engines; returns the number of messages sent.
+        Raises what kombu raises."""
+        return self.send(batch_id, model, batched(item_ids, chunk_size(self.settings, model)))
+
+    def send(self, batch_id: str, model: str, chunks: Iterable[list[int]]) -> int:
+        """One task per chunk as given (a split or a redelivery keeps its own cut)."""
+        sent = 0
+        with self.connection() as conn, conn.Producer() as producer:
+            for chunk in chunks:
+                # A short argsrepr: Celery would otherwise repr every id into the message headers.
+                self.app.send_task(RUN_CHUNK, args=[batch_id, chunk], queue=queue_for(model), producer=producer,
+                                   argsrepr=f"[{batch_id!r}, <{len(chunk)} item ids from {chunk[0]}>]")
+                sent += 1
+        return sent
