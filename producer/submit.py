@@ -79,7 +79,7 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
 
 
 ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",
-                "attempts", "interrupted", "enqueued_at", "finished_at")
+                "error_code", "attempts", "interrupted", "enqueued_at", "finished_at")
 
 
 def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
@@ -87,7 +87,8 @@ def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
         "batch_id": batch_id, "line": item.line, "custom_id": item.custom_id, "endpoint": item.endpoint,
         "request": item.request.model_dump(exclude_none=True), "body": item.body,
         "status": ItemStatus.failed if item.error else ItemStatus.queued,
-        "last_error": item.error, "attempts": 0, "interrupted": False, "enqueued_at": now,
+        "last_error": item.error, "error_code": str(item.error_code) if item.error_code else None,
+        "attempts": 0, "interrupted": False, "enqueued_at": now,
         "finished_at": now if item.error else None,
     }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class GristmillError(Exception):
     """Base class of every error gristmill raises on purpose."""
@@ -39,3 +41,26 @@ class BatchStateError(GristmillError):
 
 class BrokerError(GristmillError):
     """The broker could not be reached to enqueue or consume work."""
+
+
+class ErrorCode(StrEnum):
+    """Why one item failed: stored with it (`items.error_code`) and exported as the OpenAI error line's code."""
+
+    invalid_request = "invalid_request"  # the request cannot run as given (no chat template, no labels, ...)
+    context_length_exceeded = "context_length_exceeded"
+    model_not_found = "model_not_found"  # the line names a model this deployment does not serve
+    unsupported = "unsupported"  # valid, but not something batch jobs or this model do (stream, n > 1, ...)
+    engine_error = "engine_error"  # the engine failed on it, or kept failing until attempts ran out
+    timeout = "timeout"  # its chunk ran past the chunk time limit until attempts ran out
+    invalid_json = "invalid_json"  # structured output that does not parse
+    schema_mismatch = "schema_mismatch"  # structured output that parses but does not match its schema
+    batch_cancelled = "batch_cancelled"
+    batch_expired = "batch_expired"
+
+
+# Retried (the chunk goes back to the queue); every other code fails its item at once.
+TRANSIENT_CODES = frozenset({ErrorCode.engine_error, ErrorCode.timeout})
+
+
+class ChunkTimeout(EngineError):
+    """A chunk ran past its time limit; its items go back to the queue."""

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from schema.errors import InputError
+from schema.errors import ErrorCode, InputError
 from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
 from schema.lines import (
     CHAT_URL,
@@ -51,6 +51,7 @@ class ParsedItem:
     request: BaseModel  # what the worker runs, stored in items.request (generation: GenerationRequest)
     body: dict[str, Any]  # the OpenAI body, or the whole simple line, verbatim, for audit
     error: str | None = None
+    error_code: ErrorCode | None = None  # set with `error`
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +245,8 @@ def _parse_openai(obj: dict[str, Any], lineno: int, job: _Job) -> ParsedItem:
         completion = _validate(CompletionsBody, line.body, job.name, lineno, "body")
         request = GenerationRequest(prompt=completion.prompt, sampling=_sampling(job.defaults, completion))
         body = completion
-    return ParsedItem(lineno, line.custom_id, line.url, request, line.body, _runnable_error(body, job))
+    code, error = _runnable_error(body, job) or (None, None)
+    return ParsedItem(lineno, line.custom_id, line.url, request, line.body, error, code)
 
 
 def _parse_simple(obj: dict[str, Any], lineno: int, job: _Job) -> ParsedItem:
@@ -264,13 +266,14 @@ def _sampling(defaults: SamplingParams, body: RequestBody) -> SamplingParams:
     return SamplingParams.model_validate({**defaults.model_dump(), **body.sampling_overrides()})
 
 
-def _runnable_error(body: RequestBody, job: _Job) -> str | None:
+def _runnable_error(body: RequestBody, job: _Job) -> tuple[ErrorCode, str] | None:
     if body.model is not None and body.model != job.served_model:
-        return f"model {body.model!r} is not served by this deployment (it serves {job.served_model!r})"
+        return ErrorCode.model_not_found, (f"model {body.model!r} is not served by this deployment (it serves "
+                                           f"{job.served_model!r})")
     if body.stream:
-        return "stream is not supported in batch jobs"
+        return ErrorCode.unsupported, "stream is not supported in batch jobs"
     if body.n is not None and body.n > 1:
-        return f"n={body.n} is not supported: batch jobs return one choice per request"
+        return ErrorCode.unsupported, f"n={body.n} is not supported: batch jobs return one choice per request"
     return None
 
 

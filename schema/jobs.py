@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schema.errors import ConfigError
+from schema.errors import ConfigError, ErrorCode
 
 
 class ChatMessage(BaseModel):
@@ -45,6 +45,7 @@ class GenerationResult(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: ErrorCode | None = None  # set with `error`
 
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, and_, case, cast, or_, update
+from sqlalchemy import Float, String, and_, case, cast, or_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from schema.db import seconds_between, utcnow
+from schema.errors import ErrorCode
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, EngineBatch, Item, Result
 
@@ -31,6 +32,7 @@ class Claimed:
     attempts: int  # this claim included
     last_error: str | None
     interrupted: bool  # an earlier run of it failed or never ended
+    error_code: str | None = None  # of its last failed run
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # schema.errors.ErrorCode, set with `error` (engine_error when not)
 
 
 def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease_s: float) -> list[Claimed]:
@@ -63,7 +66,8 @@ def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease
             worker_host=host,
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
-        .returning(Item.id, Item.custom_id, Item.request, Item.enqueued_at, Item.attempts, Item.last_error, Item.interrupted)
+        .returning(Item.id, Item.custom_id, Item.request, Item.enqueued_at, Item.attempts, Item.last_error,
+                   Item.interrupted, Item.error_code)
         .execution_options(synchronize_session=False)
     )
     rows = session.execute(stmt).all()
@@ -105,7 +109,7 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
         update(Item)
         .where(Item.id.in_(list(rows)), Item.status == ItemStatus.running)
         .values(status=per_item(0), last_error=per_item(1), queue_wait_s=per_item(2, Float),
-                tokens_per_s=per_item(3, Float),
+                tokens_per_s=per_item(3, Float), error_code=per_item(4, String(32)),
                 finished_at=finished, engine_s=engine_s, engine=engine, model=model,
                 engine_batch_id=engine_batch_id, lease_expires_at=None)
         .returning(Item.id, Item.status)
@@ -138,10 +142,12 @@ def _outcome_row(o: Outcome, started: datetime, engine_s: float) -> tuple[Any, .
         o.error,
         None if wait is None else max(0.0, wait),
         o.completion_tokens / engine_s if engine_s > 0 and not o.error else None,
+        (o.error_code or ErrorCode.engine_error.value) if o.error else None,
     )
 
 
-def release(session: Session, item_ids: list[int], error: str, refund_attempt: bool = False) -> None:
+def release(session: Session, item_ids: list[int], error: str, refund_attempt: bool = False,
+            code: ErrorCode = ErrorCode.engine_error) -> None:
     """Hand claimed items back to the queue, keeping the error for the record; `refund_attempt` when
     the claim did not really try them (a chunk split before running)."""
     session.execute(
@@ -149,17 +155,19 @@ def release(session: Session, item_ids: list[int], error: str, refund_attempt: b
         .where(Item.id.in_(item_ids), Item.status == ItemStatus.running)
         .values(status=ItemStatus.queued, lease_expires_at=None, interrupted=not refund_attempt,
                 attempts=Item.attempts - 1 if refund_attempt else Item.attempts,
-                last_error=Item.last_error if refund_attempt else error)
+                last_error=Item.last_error if refund_attempt else error,
+                error_code=Item.error_code if refund_attempt else code.value)
         .execution_options(synchronize_session=False)
     )
 
 
-def fail_open_items(session: Session, batch_id: str, item_ids: list[int], error: str) -> None:
+def fail_open_items(session: Session, batch_id: str, item_ids: list[int], error: str, code: str) -> None:
     failed = session.execute(
         update(Item)
         .where(Item.id.in_(item_ids), Item.batch_id == batch_id,
                Item.status.in_([ItemStatus.queued, ItemStatus.running]))
-        .values(status=ItemStatus.failed, last_error=error, finished_at=utcnow(), lease_expires_at=None)
+        .values(status=ItemStatus.failed, last_error=error, error_code=code, finished_at=utcnow(),
+                lease_expires_at=None)
         .returning(Item.id)
         .execution_options(synchronize_session=False)
     ).all()
@@ -171,7 +179,8 @@ def cancel_queued(session: Session, batch_id: str) -> None:
     cancelled = session.execute(
         update(Item)
         .where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
-        .values(status=ItemStatus.cancelled, finished_at=utcnow(), last_error="batch cancelled")
+        .values(status=ItemStatus.cancelled, finished_at=utcnow(), last_error="batch cancelled",
+                error_code=ErrorCode.batch_cancelled.value)
         .returning(Item.id)
         .execution_options(synchronize_session=False)
     ).all()

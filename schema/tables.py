@@ -83,6 +83,7 @@ class Item(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False)  # its last run failed or never ended
     last_error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(32))  # schema.errors.ErrorCode of a failed item
     lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # timing
     enqueued_at: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -157,5 +158,6 @@ class Worker(Base):
     model: Mapped[str] = mapped_column(String(512), index=True)
     engine: Mapped[str] = mapped_column(String(32))
     max_num_seqs: Mapped[int] = mapped_column(Integer)
+    kinds: Mapped[list[str]] = mapped_column(JSON, default=list)  # the task kinds its engine serves
     started_at: Mapped[datetime] = mapped_column(Timestamp)
     seen_at: Mapped[datetime] = mapped_column(Timestamp)  # heartbeat: a worker unseen for long is gone

@@ -86,7 +86,8 @@ def test_run_classify_from_the_cli(engine: str, sqlite_url: str, settings_for, t
     gristmill("results", batch.id, "--format", "csv", "-o", str(table), settings=settings, cwd=tmp_path)
     rows = list(csv.DictReader(table.open()))
     assert list(rows[0]) == ["custom_id", "status", "label", "labels", "method", "calibrated", "p_positive",
-                             "p_negative", "p_billing question", "p_technical problem", "error"]
+                             "p_negative", "p_billing question", "p_technical problem", "error_code",
+                             "error"]
     assert [row["label"] for row in rows] == [line.label for line in lines]
     assert float(rows[0]["p_positive"]) == pytest.approx(lines[0].probabilities["positive"])  # type: ignore[index]
     assert rows[3]["p_positive"] == ""  # a label this line was not asked about

@@ -165,7 +165,7 @@ def test_too_long_prompt_fails_alone(request: pytest.FixtureRequest, name: str) 
     too_long, fine = engine.generate([long_prompt, chat(max_tokens=8)])
     assert too_long.finish_reason == "error"
     assert too_long.error is not None and f"context is {engine.max_model_len}" in too_long.error
-    assert too_long.prompt_tokens > engine.max_model_len
+    assert too_long.prompt_tokens > engine.max_model_len and too_long.error_code == "context_length_exceeded"
     assert fine.error is None and fine.completion_tokens > 0
 
 

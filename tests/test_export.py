@@ -73,7 +73,7 @@ def make_batch(db_url: str, settings_for: Any, tmp_path: Path, endpoint: str = C
         for c in claimed:
             answer = ANSWERS.get(c.custom_id)
             if isinstance(answer, str):
-                outcomes.append(store.Outcome(c, error=answer))
+                outcomes.append(store.Outcome(c, error=answer, error_code="context_length_exceeded"))
             elif answer is not None:
                 text, finish, prompt_tokens, completion_tokens = answer
                 outcomes.append(store.Outcome(c, text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
@@ -95,7 +95,8 @@ def sql_rows(batch: Batchset) -> list[dict[str, Any]]:
     """What SQL holds for each item, in input order."""
     with get_sessionmaker(batch.url)() as session:
         rows = session.execute(
-            select(Item.id, Item.custom_id, Item.status, Item.last_error, Item.model, Result.output_text,
+            select(Item.id, Item.custom_id, Item.status, Item.last_error, Item.error_code, Item.model,
+                   Result.output_text,
                    Result.finish_reason, Result.prompt_tokens, Result.completion_tokens, Result.created_at)
             .outerjoin(Result, Result.item_id == Item.id).where(Item.batch_id == batch.batch_id)
             .order_by(Item.line)).all()
@@ -109,7 +110,7 @@ def expected_csv(row: dict[str, Any]) -> dict[str, str]:
         "output_text": row["output_text"] if ok else "", "finish_reason": row["finish_reason"] if ok else "",
         "prompt_tokens": str(row["prompt_tokens"]) if ok else "",
         "completion_tokens": str(row["completion_tokens"]) if ok else "",
-        "error": "" if ok else row["last_error"],
+        "error_code": "" if ok else row["error_code"], "error": "" if ok else row["last_error"],
     }
 
 
@@ -127,9 +128,12 @@ def test_sql_holds_what_the_test_wrote(db_url: str, settings_for, tmp_path: Path
     assert rows["unicode"]["output_text"] == ANSWERS["unicode"][0]
     assert rows["engine-failed"]["status"] == ItemStatus.failed
     assert rows["engine-failed"]["last_error"] == ANSWERS["engine-failed"]
+    assert rows["engine-failed"]["error_code"] == "context_length_exceeded"
     assert rows[UNRUNNABLE]["status"] == ItemStatus.failed and "gpt-4o" in rows[UNRUNNABLE]["last_error"]
-    assert rows[RUNNING]["status"] == ItemStatus.running
+    assert rows[UNRUNNABLE]["error_code"] == "model_not_found"
+    assert rows[RUNNING]["status"] == ItemStatus.running and rows[RUNNING]["error_code"] is None
     assert [rows[c]["status"] for c in EXPIRED] == [ItemStatus.expired] * 2
+    assert [rows[c]["error_code"] for c in EXPIRED] == ["batch_expired"] * 2
 
 
 def test_csv_inline(db_url: str, settings_for, tmp_path: Path) -> None:
@@ -188,8 +192,9 @@ def test_jsonl(endpoint: str, split: bool, db_url: str, settings_for, tmp_path: 
         assert (body.usage.prompt_tokens, body.usage.completion_tokens, body.usage.total_tokens) == (
             row["prompt_tokens"], row["completion_tokens"], row["prompt_tokens"] + row["completion_tokens"])
         assert body.model == row["model"] and body.created == epoch(row["created_at"])
-    codes = {ItemStatus.failed: "item_failed", ItemStatus.expired: "batch_expired"}
     for row in bad:
         line = by_id[row["custom_id"]]
         assert line.response is None and line.error is not None
-        assert (line.error.code, line.error.message) == (codes[row["status"]], row["last_error"])
+        assert (line.error.code, line.error.message) == (row["error_code"], row["last_error"])
+    assert {by_id[row["custom_id"]].error.code for row in bad} == {  # type: ignore[union-attr]
+        "context_length_exceeded", "model_not_found", "batch_expired"}

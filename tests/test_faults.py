@@ -456,6 +456,7 @@ def test_chunk_time_limit(pg_url: str, redis_url: str, settings_for, workers_on,
     with get_sessionmaker(settings.database_url)() as session:
         items = {i.custom_id: i for i in session.scalars(select(Item).where(Item.batch_id == handle.id))}
     assert "time limit" in (items["d005"].last_error or ""), items["d005"].last_error
+    assert items["d005"].error_code == "timeout"
     assert all(items[f"d00{i}"].attempts >= 2 for i in (4, 6, 7)), "the rest of the chunk did not run again"
 
 

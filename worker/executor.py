@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from schema import store
+from schema.errors import ChunkTimeout, ErrorCode
 from schema.tables import Batch
 from worker.kinds import runner_for
 from worker.kinds.base import Runner
@@ -41,14 +42,16 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
         return _split(runtime, batch_id, claimed)
     if claimed[0].interrupted and claimed[0].attempts > settings.max_attempts:  # a poison item, alone
         give_up(runtime, batch_id, [claimed[0].id], f"gave up after {settings.max_attempts} attempts; "
-                                                    f"last error: {claimed[0].last_error}")
+                                                    f"last error: {claimed[0].last_error}",
+                claimed[0].error_code or ErrorCode.engine_error)
         return {"claimed": 1, "succeeded": 0, "failed": 1}
     try:
         runner = runner_for(kind or "")
         outcomes, started, finished = runner.run(runtime, claimed)
     except Exception as exc:  # the engine failed as a whole: give the chunk back, the task retries it
         with make_session() as session, session.begin():
-            store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}")
+            code = ErrorCode.timeout if isinstance(exc, ChunkTimeout) else ErrorCode.engine_error
+            store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}", code=code)
         raise
     _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
     failed = sum(1 for o in outcomes if o.error)
@@ -89,8 +92,8 @@ def _with_retries(write: Callable[[], T]) -> T:
     return write()
 
 
-def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str) -> None:
+def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str, code: str) -> None:
     """The items fail with the error, so the batch can end."""
     with sessions(runtime)() as session, session.begin():
-        store.fail_open_items(session, batch_id, item_ids, error)
+        store.fail_open_items(session, batch_id, item_ids, error, code)
         store.close_if_done(session, batch_id)

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from schema import store
 from schema.db import get_sessionmaker, utcnow
+from schema.errors import ErrorCode
 from schema.queue import Queue, queue_for
 from schema.settings import EMBEDDED_BROKER, Settings
 from schema.states import BatchStatus, ItemStatus
@@ -68,7 +69,8 @@ def expire_due(session: Session) -> list[str]:
     for batch_id in due:
         expired = session.execute(
             update(Item).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
-            .values(status=ItemStatus.expired, finished_at=now, last_error="batch expired before this item ran")
+            .values(status=ItemStatus.expired, finished_at=now, last_error="batch expired before this item ran",
+                    error_code=ErrorCode.batch_expired.value)
             .returning(Item.id).execution_options(synchronize_session=False)).all()
         store.count(session, batch_id, expired=len(expired))
     return due
@@ -79,7 +81,7 @@ def _return_dead_leases(session: Session) -> dict[tuple[str, str], list[int]]:
     returned = session.execute(
         update(Item).where(Item.status == ItemStatus.running, Item.lease_expires_at < utcnow())
         .values(status=ItemStatus.queued, lease_expires_at=None, interrupted=True,
-                last_error="its worker stopped; queued again")
+                last_error="its worker stopped; queued again", error_code=ErrorCode.engine_error.value)
         .returning(Item.id, Item.batch_id).execution_options(synchronize_session=False)).all()
     models = dict(session.execute(select(Batch.id, Batch.model).where(
         Batch.id.in_({batch_id for _, batch_id in returned}))).all()) if returned else {}

@@ -17,15 +17,21 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
-from schema.errors import InputError
+from schema.errors import ErrorCode, InputError
 from schema.inputs import ParsedItem
 from schema.kinds.flags import FileFlags
 from schema.states import ItemStatus
 from schema.tables import Batch
 
-# The output error line's code of an item that ended without a result.
-ERROR_CODES = {ItemStatus.failed: "item_failed", ItemStatus.cancelled: "batch_cancelled",
-               ItemStatus.expired: "batch_expired"}
+# An item that ended without a result, and the code its error line has when SQL holds none (rows
+# written before items had error codes).
+ERROR_CODES = {ItemStatus.failed: ErrorCode.engine_error, ItemStatus.cancelled: ErrorCode.batch_cancelled,
+               ItemStatus.expired: ErrorCode.batch_expired}
+
+
+def error_code(row: Row[Any]) -> str:
+    """The error line's code of an item that ended without a result (`row` has status and error_code)."""
+    return str(row.error_code or ERROR_CODES[row.status])
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from schema.errors import InputError
 from schema.inputs import ParsedItem, _decode, _read_lines, _validate  # the generation parser's reading rules
-from schema.kinds.base import ERROR_CODES, Kind, Limits
+from schema.kinds.base import ERROR_CODES, Kind, Limits, error_code
 from schema.kinds.flags import FileFlags
 from schema.labels import check_labels, load_labels_file
 from schema.lines import CustomId
@@ -180,6 +180,7 @@ class ClassifyOutputLine(BaseModel):
 
 
 BASE_COLUMNS = ["custom_id", "status", "label", "labels", "method", "calibrated"]
+END_COLUMNS = ["error_code", "error"]
 PROBABILITY_PREFIX = "p_"
 
 
@@ -196,7 +197,8 @@ class Classify(Kind):
 
     def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
         stmt = (
-            select(Item.custom_id, Item.status, Item.last_error, ClassificationRow.label, ClassificationRow.labels,
+            select(Item.custom_id, Item.status, Item.last_error, Item.error_code, ClassificationRow.label,
+                   ClassificationRow.labels,
                    ClassificationRow.probabilities, ClassificationRow.raw_probabilities, ClassificationRow.method,
                    ClassificationRow.calibrated)
             .outerjoin(ClassificationRow, ClassificationRow.item_id == Item.id)
@@ -213,7 +215,7 @@ class Classify(Kind):
                                     calibrated=row.calibrated)
             return ClassifyOutputLine(custom_id=row.custom_id, **result.model_dump())
         if row.status in ERROR_CODES:
-            error = ErrorRecord(code=ERROR_CODES[row.status], message=row.last_error or str(row.status))
+            error = ErrorRecord(code=error_code(row), message=row.last_error or str(row.status))
             return ClassifyOutputLine(custom_id=row.custom_id, error=error)
         return None
 
@@ -225,7 +227,7 @@ class Classify(Kind):
         stmt = select(ClassificationRow.probabilities).where(ClassificationRow.batch_id == batch.id)
         for (probabilities,) in session.execute(stmt.execution_options(yield_per=5000)):
             labels.update(dict.fromkeys(probabilities))
-        return [*BASE_COLUMNS, *(PROBABILITY_PREFIX + label for label in labels), "error"]
+        return [*BASE_COLUMNS, *(PROBABILITY_PREFIX + label for label in labels), *END_COLUMNS]
 
     def csv_row(self, row: Row[Any], line: BaseModel) -> dict[str, Any]:
         assert isinstance(line, ClassifyOutputLine)
@@ -234,7 +236,7 @@ class Classify(Kind):
             "custom_id": line.custom_id, "status": str(row.status), "label": line.label or "",
             "labels": json.dumps(line.labels) if line.labels is not None else "", "method": line.method or "",
             "calibrated": "" if line.calibrated is None else str(line.calibrated).lower(), **probabilities,
-            "error": line.error.message if line.error else "",
+            "error_code": line.error.code if line.error else "", "error": line.error.message if line.error else "",
         }
 
 

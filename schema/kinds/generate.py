@@ -15,12 +15,13 @@ from sqlalchemy.orm import Session
 from schema.db import epoch
 from schema.inputs import ParsedItem, parse_input_stream
 from schema.jobs import SamplingParams
-from schema.kinds.base import ERROR_CODES, Kind, Limits
+from schema.kinds.base import ERROR_CODES, Kind, Limits, error_code
 from schema.outputs import OutputLine, error_line, success_line
 from schema.states import ItemStatus
 from schema.tables import Batch, Item, Result
 
-CSV_COLUMNS = ["custom_id", "status", "output_text", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
+CSV_COLUMNS = ["custom_id", "status", "output_text", "finish_reason", "prompt_tokens", "completion_tokens",
+               "error_code", "error"]
 
 
 class GenerateSpec(BaseModel):
@@ -45,7 +46,7 @@ class Generate(Kind):
 
     def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
         stmt = (
-            select(Item.id, Item.custom_id, Item.endpoint, Item.status, Item.last_error, Item.model,
+            select(Item.id, Item.custom_id, Item.endpoint, Item.status, Item.last_error, Item.error_code, Item.model,
                    Result.output_text, Result.finish_reason, Result.prompt_tokens, Result.completion_tokens,
                    Result.created_at)
             .outerjoin(Result, Result.item_id == Item.id)
@@ -64,7 +65,7 @@ class Generate(Kind):
                 created=epoch(row.created_at) or 0, line_id=f"batch_req_{row.id}",
             )
         if row.status in ERROR_CODES:
-            return error_line(row.custom_id, ERROR_CODES[row.status], row.last_error or row.status,
+            return error_line(row.custom_id, error_code(row), row.last_error or row.status,
                               line_id=f"batch_req_{row.id}")
         return None
 
@@ -76,7 +77,8 @@ class Generate(Kind):
         return {
             "custom_id": row.custom_id, "status": row.status, "output_text": row.output_text if ok else "",
             "finish_reason": row.finish_reason if ok else "", "prompt_tokens": row.prompt_tokens if ok else "",
-            "completion_tokens": row.completion_tokens if ok else "", "error": "" if ok else row.last_error,
+            "completion_tokens": row.completion_tokens if ok else "", "error_code": "" if ok else error_code(row),
+            "error": "" if ok else row.last_error,
         }
 
 

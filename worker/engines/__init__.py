@@ -9,7 +9,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from schema.errors import EngineError, ModelError
+from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.settings import Settings, get_settings
 from worker.engines.base import Engine
@@ -139,9 +139,9 @@ def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> st
     return None
 
 
-def failed_result(error: str, prompt_tokens: int = 0) -> GenerationResult:
+def failed_result(error: str, prompt_tokens: int = 0, code: ErrorCode = ErrorCode.engine_error) -> GenerationResult:
     """The result of a request that could not run; the rest of its batch still does."""
-    return GenerationResult(finish_reason="error", error=error, prompt_tokens=prompt_tokens)
+    return GenerationResult(finish_reason="error", error=error, error_code=code, prompt_tokens=prompt_tokens)
 
 
 def admit(
@@ -155,11 +155,11 @@ def admit(
         try:
             ids = prompt_token_ids(tokenizer, request)
         except ModelError as exc:
-            results[index] = failed_result(str(exc))
+            results[index] = failed_result(str(exc), code=ErrorCode.invalid_request)
             continue
         error = context_error(len(ids), request.sampling.max_tokens, max_model_len)
         if error:
-            results[index] = failed_result(error, len(ids))
+            results[index] = failed_result(error, len(ids), ErrorCode.context_length_exceeded)
         else:
             runnable.append((index, ids))
     return results, runnable

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from schema.errors import EngineError, ModelError
+from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
@@ -68,21 +68,22 @@ class TransformersHeadEngine:
             if index in probabilities:
                 results.append(HeadScores(probabilities[index], len(row)))
             else:
-                results.append(HeadScores(prompt_tokens=len(row), error=f"text is {len(row)} tokens; the "
-                                                                        f"model's context is {self.max_model_len}"))
+                results.append(HeadScores(prompt_tokens=len(row), error_code=ErrorCode.context_length_exceeded,
+                                          error=f"text is {len(row)} tokens; the model's context is "
+                                                f"{self.max_model_len}"))
         return results
 
     def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
-        return [LabelLogprobs(error=NOT_PROMPTED) for _ in queries]
+        return [LabelLogprobs(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
 
     def choose(self, queries: list[LabelQuery]) -> list[Choice]:
-        return [Choice(error=NOT_PROMPTED) for _ in queries]
+        return [Choice(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        return [failed_result(NOT_GENERATIVE) for _ in requests]
+        return [failed_result(NOT_GENERATIVE, code=ErrorCode.unsupported) for _ in requests]
 
     def add(self, request: GenerationRequest) -> str | GenerationResult:
-        return failed_result(NOT_GENERATIVE)
+        return failed_result(NOT_GENERATIVE, code=ErrorCode.unsupported)
 
     def step(self) -> list[tuple[str, GenerationResult]]:
         return []

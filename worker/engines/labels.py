@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from schema.errors import ModelError
+from schema.errors import ErrorCode, ModelError
 from schema.jobs import ChatMessage, GenerationRequest
 from worker.engines import prompt_token_ids
 
@@ -34,6 +34,7 @@ class LabelLogprobs:
     token_logprobs: list[list[float]] = field(default_factory=list)
     prompt_tokens: int = 0
     error: str | None = None
+    error_code: ErrorCode = ErrorCode.engine_error  # why, when `error` is set
 
     @property
     def totals(self) -> list[float]:
@@ -48,6 +49,7 @@ class Choice:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: ErrorCode = ErrorCode.engine_error
 
 
 @dataclass
@@ -57,6 +59,7 @@ class HeadScores:
     probabilities: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     error: str | None = None
+    error_code: ErrorCode = ErrorCode.engine_error
 
 
 @dataclass(frozen=True)
@@ -74,17 +77,25 @@ def continuation_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str], end_
             for seq in ids]
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, query: LabelQuery, max_model_len: int) -> Tokenized | str:
+@dataclass(frozen=True)
+class Refused:
+    """Why a query cannot run."""
+
+    code: ErrorCode
+    message: str
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, query: LabelQuery, max_model_len: int) -> Tokenized | Refused:
     """The query's token ids, or why it cannot run (too long for the context, no chat template)."""
     try:
         prompt = prompt_token_ids(tokenizer, GenerationRequest(messages=query.messages))
     except ModelError as exc:
-        return str(exc)
+        return Refused(ErrorCode.invalid_request, str(exc))
     continuations = continuation_ids(tokenizer, query.labels, end_token_id(tokenizer))
     longest = max(len(c) for c in continuations)
     if len(prompt) + longest > max_model_len:
-        return f"prompt is {len(prompt)} tokens and the longest label {longest}; the model's context is " \
-               f"{max_model_len}"
+        return Refused(ErrorCode.context_length_exceeded, f"prompt is {len(prompt)} tokens and the longest label "
+                                                           f"{longest}; the model's context is {max_model_len}")
     return Tokenized(prompt, continuations)
 
 
@@ -115,8 +126,8 @@ def split_runnable(tokenizer: PreTrainedTokenizerBase, queries: list[LabelQuery]
     runnable: list[tuple[int, Tokenized]] = []
     for index, query in enumerate(queries):
         tokens = tokenize(tokenizer, query, max_model_len)
-        if isinstance(tokens, str):
-            slots[index] = LabelLogprobs(error=tokens)
+        if isinstance(tokens, Refused):
+            slots[index] = LabelLogprobs(error=tokens.message, error_code=tokens.code)
         else:
             runnable.append((index, tokens))
     return slots, runnable

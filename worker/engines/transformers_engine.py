@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from schema.errors import EngineError, ModelError
+from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
@@ -144,7 +144,8 @@ class TransformersEngine:
         return results
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
-        return [HeadScores(error="the model is not a classification model") for _ in texts]
+        return [HeadScores(error="the model is not a classification model", error_code=ErrorCode.unsupported)
+                for _ in texts]
 
     def close(self) -> None:
         self._model = None

@@ -17,12 +17,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 from transformers import AutoTokenizer
 
-from schema.errors import EngineError
+from schema.errors import EngineError, ErrorCode
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import admit, failed_result, run_to_completion, vllm_labels
-from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery, split_runnable, tokenize
+from worker.engines.labels import (
+    Choice,
+    HeadScores,
+    LabelLogprobs,
+    LabelQuery,
+    Refused,
+    split_runnable,
+    tokenize,
+)
 from worker.models import prepare_for_vllm
 
 if TYPE_CHECKING:
@@ -160,7 +168,7 @@ class VLLMEngine:
         try:
             llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=runnable[0][1]), params)
         except (RuntimeError, ValueError) as exc:
-            return failed_result(f"vLLM refused the request: {exc}")
+            return failed_result(f"vLLM refused the request: {exc}", code=ErrorCode.invalid_request)
         return key
 
     def step(self) -> list[tuple[str, GenerationResult]]:
@@ -191,8 +199,8 @@ class VLLMEngine:
         asks: list[tuple[int, list[int]]] = []
         for index, query in enumerate(queries):
             tokens = tokenize(self._tokenizer, query, self.max_model_len)
-            if isinstance(tokens, str):
-                results[index].error = tokens
+            if isinstance(tokens, Refused):
+                results[index].error, results[index].error_code = tokens.message, tokens.code
             else:
                 asks.append((index, tokens.prompt))
         outputs = self._run([(prompt, vllm_labels.choice_params(queries[i].labels)) for i, prompt in asks])
@@ -205,7 +213,8 @@ class VLLMEngine:
         return results
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
-        return [HeadScores(error="the model is not a classification model") for _ in texts]
+        return [HeadScores(error="the model is not a classification model", error_code=ErrorCode.unsupported)
+                for _ in texts]
 
     def _run(self, requests: list[tuple[list[int], Any]]) -> list[RequestOutput]:
         """Run requests to completion in the engine, alongside any generation in flight (whose

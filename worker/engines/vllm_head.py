@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from schema.errors import EngineError, ModelError
+from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
@@ -43,15 +43,16 @@ class VLLMHeadEngine(VLLMEngine):
         done = {i: output.outputs.probs for i, output in zip(runnable, outputs, strict=True)}
         return [HeadScores(done[i], len(row)) if i in done else
                 HeadScores(prompt_tokens=len(row), error=f"text is {len(row)} tokens; the model's context is "
-                                                         f"{self.max_model_len}") for i, row in enumerate(ids)]
+                                                         f"{self.max_model_len}",
+                           error_code=ErrorCode.context_length_exceeded) for i, row in enumerate(ids)]
 
     def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
-        return [LabelLogprobs(error=NOT_PROMPTED) for _ in queries]
+        return [LabelLogprobs(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
 
     def choose(self, queries: list[LabelQuery]) -> list[Choice]:
-        return [Choice(error=NOT_PROMPTED) for _ in queries]
+        return [Choice(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
 
     def add(self, request: GenerationRequest) -> str | GenerationResult:
-        return failed_result(NOT_GENERATIVE)
+        return failed_result(NOT_GENERATIVE, code=ErrorCode.unsupported)
 
 

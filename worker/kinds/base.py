@@ -10,7 +10,7 @@ from typing import TypeVar
 from sqlalchemy.orm import Session
 
 from schema import store
-from schema.errors import EngineError
+from schema.errors import ChunkTimeout
 from worker.runtime import Runtime
 
 T = TypeVar("T")
@@ -36,4 +36,4 @@ def bounded(runtime: Runtime, future: Future[T]) -> T:
         return future.result(timeout=runtime.settings.chunk_time_limit_s)
     except TimeoutError as exc:
         runtime.loop.cancel(future)
-        raise EngineError(f"chunk exceeded its {runtime.settings.chunk_time_limit_s} s time limit") from exc
+        raise ChunkTimeout(f"chunk exceeded its {runtime.settings.chunk_time_limit_s} s time limit") from exc

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from schema import store
 from schema.db import utcnow
+from schema.errors import ErrorCode
 from schema.kinds.classify import Classification, ClassifyRequest
 from schema.tables import Classification as ClassificationRow
 from worker.engines.base import Engine
@@ -32,6 +33,7 @@ class ClassifyResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: ErrorCode = ErrorCode.engine_error  # why, when `error` is set
 
 
 def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
@@ -40,7 +42,7 @@ def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRe
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(_route(engine, request), []).append(index)
-    runners = {"head": _heads, "choice": _choices, "multi": _multi_label, "score": _scores}
+    runners = {"head": _heads, "choice": _choices, "multi": _multi_label, "score": _scores, "unlabeled": _unlabeled}
     for route, indices in groups.items():
         for index, result in zip(indices, runners[route](engine, [requests[i] for i in indices]), strict=True):
             results[index] = result
@@ -50,15 +52,21 @@ def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRe
 def _route(engine: Engine, request: ClassifyRequest) -> str:
     if engine.head_labels is not None:
         return "head"
+    if request.labels is None:  # submission lets this through only for classification-head models
+        return "unlabeled"
     if request.method == "choice":
         return "choice"
     return "multi" if request.multi_label else "score"
 
 
 def _labels(request: ClassifyRequest) -> list[str]:
-    if request.labels is None:  # submission only lets this through for classification-head models
-        raise ValueError("the request has no labels and the model is not a classification model")
+    assert request.labels is not None, "routed to _unlabeled"
     return request.labels
+
+
+def _unlabeled(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    return [ClassifyResult(error=f"the request has no labels and {engine.model_name} is not a classification model",
+                           error_code=ErrorCode.invalid_request) for _ in requests]
 
 
 # --- label scoring ------------------------------------------------------------------------------
@@ -71,7 +79,8 @@ def _scores(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRes
     results = []
     for request, query, score in zip(requests, queries, scored, strict=True):
         if score.error is not None:
-            results.append(ClassifyResult(prompt_tokens=score.prompt_tokens, error=score.error))
+            results.append(ClassifyResult(prompt_tokens=score.prompt_tokens, error=score.error,
+                                          error_code=score.error_code))
             continue
         raw = calibration.normalise(score.totals)
         final = _calibrated(raw, _single_key(engine, request)) if request.calibrate else raw
@@ -143,7 +152,8 @@ def _multi_label(engine: Engine, requests: list[ClassifyRequest]) -> list[Classi
         answers = [next(scored) for _ in labels]
         failed = next((a for a in answers if a.error is not None), None)
         if failed is not None:
-            results.append(ClassifyResult(prompt_tokens=failed.prompt_tokens, error=failed.error))
+            results.append(ClassifyResult(prompt_tokens=failed.prompt_tokens, error=failed.error,
+                                          error_code=failed.error_code))
             continue
         raw = [calibration.normalise(a.totals)[0] for a in answers]  # P(yes) against P(no)
         final = [_calibrated([p, 1.0 - p], _yes_no_key(engine, request, label))[0] if request.calibrate else p
@@ -162,7 +172,8 @@ def _choices(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRe
     results = []
     for query, choice in zip(queries, engine.choose(queries), strict=True):
         if choice.label is None:
-            results.append(ClassifyResult(prompt_tokens=choice.prompt_tokens, error=choice.error or "no label"))
+            results.append(ClassifyResult(prompt_tokens=choice.prompt_tokens, error=choice.error or "no label",
+                                          error_code=choice.error_code))
             continue
         one_hot = [1.0 if label == choice.label else 0.0 for label in query.labels]  # no usable probability
         results.append(ClassifyResult(_answer(query.labels, one_hot, None, "choice", False),
@@ -175,11 +186,14 @@ def _heads(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResu
     results = []
     for request, scores in zip(requests, engine.classify_texts([r.text for r in requests]), strict=True):
         if scores.error is not None:
-            results.append(ClassifyResult(prompt_tokens=scores.prompt_tokens, error=scores.error))
+            results.append(ClassifyResult(prompt_tokens=scores.prompt_tokens, error=scores.error,
+                                          error_code=scores.error_code))
         elif request.labels is not None and sorted(request.labels) != sorted(labels):
-            results.append(ClassifyResult(error=f"the model classifies into {labels}, not {request.labels}"))
+            results.append(ClassifyResult(error=f"the model classifies into {labels}, not {request.labels}",
+                                          error_code=ErrorCode.invalid_request))
         elif request.multi_label:
-            results.append(ClassifyResult(error="multi-label needs a generative model; this one is a "
+            results.append(ClassifyResult(error_code=ErrorCode.unsupported,
+                                          error="multi-label needs a generative model; this one is a "
                                                 "single-label classifier"))
         else:
             results.append(ClassifyResult(_answer(labels, scores.probabilities, scores.probabilities, "head",
@@ -208,7 +222,8 @@ class Classify(Runner):
         finished = utcnow()
         outcomes: list[store.Outcome] = [
             ClassifyOutcome(item=c, text=_text(r.classification), prompt_tokens=r.prompt_tokens,
-                            completion_tokens=r.completion_tokens, error=r.error, classification=r.classification)
+                            completion_tokens=r.completion_tokens, error=r.error, error_code=r.error_code,
+                            classification=r.classification)
             for c, r in zip(claimed, results, strict=True)
         ]
         return outcomes, started, finished

@@ -20,7 +20,7 @@ class Generate(Runner):
         finished = utcnow()
         outcomes = [
             store.Outcome(item=c, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                          completion_tokens=r.completion_tokens, error=r.error)
+                          completion_tokens=r.completion_tokens, error=r.error, error_code=r.error_code)
             for c, r in zip(claimed, results, strict=True)
         ]
         return outcomes, started, finished
