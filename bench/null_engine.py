@@ -6,12 +6,14 @@ import itertools
 
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.settings import Settings
+from worker.engines.base import GENERATE
 
 
 class NullEngine:
     """Answers every request at once with a fixed one-token text."""
 
     name = "null"
+    capabilities = frozenset({GENERATE})
     max_model_len = 2048
     max_num_seqs = 256
 

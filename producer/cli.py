@@ -136,6 +136,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     handle = _submit(args, settings)
     print(handle.id)
+    if handle.service.waiting_for_worker(args.model):
+        print(f"note: no live worker runs model {args.model or settings.model!r} yet; the batch waits in the queue "
+              f"until one starts (gristmill worker)", file=sys.stderr)
     if args.wait:
         return 0 if _wait(handle).status == "completed" else 1
     return 0

@@ -23,10 +23,10 @@ from sqlalchemy.orm import Session
 
 from producer import stats
 from producer.submit import NewBatch, enqueue, new_batch_id, store_batch
-from schema import kinds, store
+from schema import kinds, store, workers
 from schema.batch_object import BatchObject
 from schema.db import get_sessionmaker, prepare_schema, utcnow
-from schema.errors import BatchNotFound, BatchStateError, InputError
+from schema.errors import BatchNotFound, BatchStateError, InputError, NotServed
 from schema.jobs import parse_window
 from schema.queue import Queue
 from schema.settings import Settings, get_settings
@@ -70,6 +70,7 @@ class Service:
         spec = kind.spec(**options)
         window_s = parse_window(completion_window)
         model = model or self.settings.model
+        self._check_served(kind.name, model)
         limits = kinds.Limits(model, self.settings.max_line_bytes, self.settings.max_items_per_batch)
         name = name or (str(source) if isinstance(source, (str, Path)) else "<input>")
         try:
@@ -82,6 +83,18 @@ class Service:
         store_batch(self.settings, batch_id, new, items)
         enqueue(self.settings, self.queue, batch_id, model)
         return batch_id
+
+    def _check_served(self, kind: str, model: str) -> None:
+        """Refuse a kind the live workers of the model cannot run (a batch for a model with no live
+        worker waits in the queue for one)."""
+        served = workers.kinds_served(self.settings, model)
+        if served is not None and kind not in served:
+            raise NotServed(f"no live worker of model {model!r} runs task {kind!r}; they run "
+                            f"{', '.join(sorted(served)) or 'nothing'}")
+
+    def waiting_for_worker(self, model: str | None = None) -> bool:
+        """True when no live worker runs `model` (the default model): its batches wait in the queue."""
+        return workers.kinds_served(self.settings, model or self.settings.model) is None
 
     # --- reading it out -------------------------------------------------------------------------
 

@@ -39,6 +39,10 @@ class BatchStateError(GristmillError):
     """The batch is not in a state that allows the requested action."""
 
 
+class NotServed(GristmillError):
+    """The live workers of the batch's model cannot run its task kind."""
+
+
 class BrokerError(GristmillError):
     """The broker could not be reached to enqueue or consume work."""
 

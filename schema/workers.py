@@ -1,5 +1,6 @@
-"""Live workers in SQL: each records what its engine can run at once and refreshes a heartbeat, so a
-producer can size chunks for the engines that will run them before any of them sees a message."""
+"""Live workers in SQL: each records what its engine can run at once and which task kinds it serves, and
+refreshes a heartbeat, so a producer can size chunks for the engines that will run them before any of
+them sees a message, and refuse a batch no live worker can run."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from schema.tables import Worker
 log = logging.getLogger(__name__)
 
 
-def register(settings: Settings, worker_id: str, model: str, engine: str, max_num_seqs: int) -> None:
+def register(settings: Settings, worker_id: str, model: str, engine: str, max_num_seqs: int,
+             kinds: list[str]) -> None:
     now = utcnow()
     with get_sessionmaker(settings.database_url)() as session, session.begin():
-        session.merge(Worker(id=worker_id, model=model, engine=engine, max_num_seqs=max_num_seqs,
+        session.merge(Worker(id=worker_id, model=model, engine=engine, max_num_seqs=max_num_seqs, kinds=kinds,
                              started_at=now, seen_at=now))
 
 
@@ -35,10 +37,19 @@ def unregister(settings: Settings, worker_id: str) -> None:
         log.warning("could not remove worker %s from the workers table", worker_id)
 
 
+def _live(settings: Settings):  # type: ignore[no-untyped-def]
+    """A worker is live while its heartbeat (every `reconcile_interval_s`) is at most three beats old."""
+    return Worker.seen_at >= utcnow() - timedelta(seconds=3 * settings.reconcile_interval_s)
+
+
 def capacity(settings: Settings, model: str) -> int | None:
-    """The most sequences a live worker's engine for `model` runs at once; None when none is live.
-    A worker is live while its heartbeat (every `reconcile_interval_s`) is at most three beats old."""
-    live_since = utcnow() - timedelta(seconds=3 * settings.reconcile_interval_s)
+    """The most sequences a live worker's engine for `model` runs at once; None when none is live."""
     with get_sessionmaker(settings.database_url)() as session:
-        return session.scalar(select(func.max(Worker.max_num_seqs))
-                              .where(Worker.model == model, Worker.seen_at >= live_since))
+        return session.scalar(select(func.max(Worker.max_num_seqs)).where(Worker.model == model, _live(settings)))
+
+
+def kinds_served(settings: Settings, model: str) -> set[str] | None:
+    """The task kinds the live workers of `model` serve together; None when none is live."""
+    with get_sessionmaker(settings.database_url)() as session:
+        rows = session.scalars(select(Worker.kinds).where(Worker.model == model, _live(settings))).all()
+    return {kind for kinds in rows for kind in kinds} if rows else None

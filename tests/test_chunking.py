@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from sqlalchemy import update
 
 from schema import workers
@@ -18,9 +20,9 @@ def test_chunk_size_follows_live_workers(db_url: str, settings_for) -> None:  # 
     upgrade(db_url)
     assert chunk_size(settings, "m") == FALLBACK_CHUNK_SIZE
 
-    workers.register(settings, "w1@host", "m", "vllm", 256)
-    workers.register(settings, "w2@host", "m", "transformers", 32)
-    workers.register(settings, "w3@host", "other", "vllm", 1024)
+    workers.register(settings, "w1@host", "m", "vllm", 256, ["generate", "classify"])
+    workers.register(settings, "w2@host", "m", "transformers", 32, ["generate", "classify"])
+    workers.register(settings, "w3@host", "other", "vllm", 1024, ["classify"])
     assert chunk_size(settings, "m") == 128  # the largest engine of this model; other models don't count
     assert chunk_size(settings_for(db_url, chunk_size=10), "m") == 10  # configured wins
 
@@ -34,3 +36,22 @@ def test_chunk_size_follows_live_workers(db_url: str, settings_for) -> None:  # 
     workers.unregister(settings, "w1@host")
     workers.unregister(settings, "w2@host")
     assert chunk_size(settings, "m") == FALLBACK_CHUNK_SIZE
+
+
+def test_a_kind_no_live_worker_runs_is_refused(sqlite_url: str, settings_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Workers record the task kinds their engines serve; a batch the live workers of its model cannot
+    run is refused at submission, nothing stored. With no live worker a batch waits for one."""
+    from producer.service import Service
+    from schema.errors import NotServed
+
+    settings = settings_for(sqlite_url)
+    service = Service(settings)
+    docs = b'{"id": "a", "text": "hello"}\n'
+    assert service.waiting_for_worker("m")
+    service.submit(docs, task="classify", model="m", labels=["x", "y"])  # waits in the queue
+    workers.register(settings, "head@host", "m", "transformers", 32, ["classify"])  # a classifier
+    assert not service.waiting_for_worker("m")
+    with pytest.raises(NotServed, match="no live worker of model 'm' runs task 'generate'; they run classify"):
+        service.submit(docs, model="m")
+    assert len(service.list_batches()) == 1
+    service.submit(docs, task="classify", model="m", labels=["x", "y"])

@@ -17,17 +17,18 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from schema.errors import EngineError
 from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
 from schema.kinds.classify import Classification, ClassifyRequest
 from schema.settings import Settings
 from worker.engine_loop import EngineLoop
 from worker.engines import Engine, load_engine
 from worker.engines.hf_head import TransformersHeadEngine
-from worker.engines.labels import LabelQuery, tokenize
+from worker.engines.labels import LabelQuery, Tokenized, tokenize
 from worker.engines.transformers_engine import TransformersEngine
 from worker.engines.vllm_engine import VLLMEngine
 from worker.engines.vllm_head import VLLMHeadEngine
-from worker.kinds import calibration, classify_prompt
+from worker.kinds import calibration, classify_prompt, served_kinds
 from worker.kinds.classify import ClassifyResult, _single_key, classify
 
 MODEL = "smollm2-135m-instruct"
@@ -86,7 +87,7 @@ def fresh_priors() -> Iterator[None]:
 def full_pass_logprobs(engine: TransformersEngine, query: LabelQuery) -> list[float]:
     """The reference: each label appended to the prompt and run from scratch, one sequence at a time."""
     tokens = tokenize(engine._tokenizer, query, engine.max_model_len)
-    assert not isinstance(tokens, str)
+    assert isinstance(tokens, Tokenized)
     totals = []
     for continuation in tokens.continuations:
         ids = torch.tensor([tokens.prompt + continuation])
@@ -273,8 +274,13 @@ def test_heads_refuse_what_they_cannot_do(heads: tuple[TransformersHeadEngine, V
             ClassifyRequest(text="x", multi_label=True),
             ClassifyRequest(text="word " * 600),
         ])
-        assert "classifies into" in (other.error or "")
-        assert "multi-label" in (multi.error or "")
-        assert "context is 512" in (long.error or "")
-        [generated] = engine.generate([GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=2))])
-        assert generated.error is not None and "cannot generate" in generated.error
+        assert "classifies into" in (other.error or "") and other.error_code == "invalid_request"
+        assert "multi-label" in (multi.error or "") and multi.error_code == "unsupported"
+        assert "context is 512" in (long.error or "") and long.error_code == "context_length_exceeded"
+        assert served_kinds(engine) == ["classify"]  # what its worker records: generation goes elsewhere
+        loop = EngineLoop(engine)
+        try:
+            with pytest.raises(EngineError, match="does not generate"):
+                loop.submit([GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=2))])
+        finally:
+            loop.close()

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest, GenerationResult
-from worker.engines.base import Engine
+from worker.engines.base import GENERATE, Engine, Generator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +70,8 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, on_failure: Callable[[], None] | None = None) -> None:
         self.engine, self.on_failure = engine, on_failure
+        # An engine that does not generate (a classification head) only runs calls.
+        self._generator = cast(Generator, engine) if GENERATE in engine.capabilities else None
         self._inbox: queue.SimpleQueue[_Submission | _Call | None] = queue.SimpleQueue()
         self._owners: dict[str, tuple[_Submission, int]] = {}
         self._closing = False
@@ -82,6 +84,8 @@ class EngineLoop:
     def submit(self, requests: list[GenerationRequest]) -> Future[list[GenerationResult]]:
         if not self.alive:
             raise EngineError("the engine loop has stopped")
+        if self._generator is None:
+            raise EngineError(f"the {self.engine.name} engine of {self.engine.model_name} does not generate")
         submission = _Submission(requests)
         if not requests:
             submission.future.set_result([])
@@ -134,8 +138,8 @@ class EngineLoop:
     def _drive(self) -> None:
         try:
             while not self._closing:
-                self._take(block=not self.engine.has_unfinished())
-                if self.engine.has_unfinished():
+                self._take(block=not self._busy())
+                if self._busy():
                     self._step()
         except Exception as exc:  # the engine died: every waiting chunk must hear it, not hang
             log.exception("engine loop stopped")
@@ -143,12 +147,16 @@ class EngineLoop:
             if self.on_failure:
                 self.on_failure()
 
+    def _busy(self) -> bool:
+        return self._generator is not None and self._generator.has_unfinished()
+
     def _step(self) -> None:
+        assert self._generator is not None
         try:
-            finished = self.engine.step()
+            finished = self._generator.step()
         except EngineError as exc:  # the engine refused this step but lives on: fail what was in it
             log.warning("engine step failed: %s", exc)
-            self.engine.abort(list(self._owners))
+            self._generator.abort(list(self._owners))
             self._fail_owners(exc)
             return
         for key, result in finished:
@@ -172,8 +180,9 @@ class EngineLoop:
                 submission.run()
                 self._calling = None
                 continue
+            assert self._generator is not None  # submit() takes no requests otherwise
             for index, request in enumerate(submission.requests):
-                added = self.engine.add(request)
+                added = self._generator.add(request)
                 if isinstance(added, str):
                     self._owners[added] = (submission, index)
                 else:
@@ -181,8 +190,8 @@ class EngineLoop:
 
     def _drop_abandoned(self) -> None:
         abandoned = [key for key, (sub, _) in self._owners.items() if sub.future.done()]
-        if abandoned:
-            self.engine.abort(abandoned)
+        if abandoned and self._generator is not None:
+            self._generator.abort(abandoned)
             for key in abandoned:
                 self._owners.pop(key)
 

@@ -38,6 +38,12 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
         claimed = store.claim(session, batch_id, item_ids, runtime.host, settings.chunk_time_limit_s)
     if not claimed:  # a duplicate delivery, or the batch was cancelled: nothing to do
         return {"claimed": 0, "succeeded": 0, "failed": 0}
+    runner = runner_for(kind or "", runtime.engine)
+    if runner is None:  # no retry can help: this engine lacks the capability the kind needs
+        engine = runtime.engine
+        give_up(runtime, batch_id, [c.id for c in claimed], f"the {engine.name} engine of {engine.model_name} "
+                f"cannot run task kind {kind!r}", ErrorCode.unsupported)
+        return {"claimed": len(claimed), "succeeded": 0, "failed": len(claimed)}
     if len(claimed) > 1 and any(c.interrupted for c in claimed):
         return _split(runtime, batch_id, claimed)
     if claimed[0].interrupted and claimed[0].attempts > settings.max_attempts:  # a poison item, alone
@@ -46,7 +52,6 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                 claimed[0].error_code or ErrorCode.engine_error)
         return {"claimed": 1, "succeeded": 0, "failed": 1}
     try:
-        runner = runner_for(kind or "")
         outcomes, started, finished = runner.run(runtime, claimed)
     except Exception as exc:  # the engine failed as a whole: give the chunk back, the task retries it
         with make_session() as session, session.begin():

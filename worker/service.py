@@ -14,6 +14,7 @@ from schema.errors import EngineError
 from schema.queue import Queue, queue_for
 from schema.settings import Settings
 from worker import runtime, tasks
+from worker.kinds import served_kinds
 from worker.reconciler import reconcile
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     """
     model = model or settings.model
     rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down)
-    log.info("engine %s loaded %s in %.1f s; it runs %d sequences at once; %d chunks in flight", rt.engine.name,
-             model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks)
+    kinds = served_kinds(rt.engine)
+    log.info("engine %s loaded %s in %.1f s; it runs %d sequences at once; %d chunks in flight; serves %s",
+             rt.engine.name, model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks, ", ".join(kinds))
     app = rt.queue.app
     tasks.bind(app)
     worker_id = rt.host
@@ -38,7 +40,7 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
         pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model)], loglevel=loglevel,
         hostname=worker_id, without_mingle=True, without_gossip=True,
     )
-    workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs)
+    workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs, kinds)
     threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler", daemon=True).start()
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.settings import Settings, get_settings
-from worker.engines.base import Engine
+from worker.engines.base import Engine, Generator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -93,7 +93,7 @@ def _load_head(model: str, chosen: str, settings: Settings) -> Engine:
     return TransformersHeadEngine(model, settings=settings)
 
 
-def run_to_completion(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+def run_to_completion(engine: Generator, requests: list[GenerationRequest]) -> list[GenerationResult]:
     """Add every request, step until all finished; results in request order."""
     results: list[GenerationResult | None] = [None] * len(requests)
     slots: dict[str, int] = {}

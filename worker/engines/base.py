@@ -1,30 +1,49 @@
-"""The one interface every inference engine implements."""
+"""What an engine is: a small core every engine has, plus capabilities it declares.
+
+A task kind's runner (worker/kinds) says which capabilities it needs; a worker records at start the
+kinds its engine serves (`workers.kinds`), so a submission no live worker can serve is refused, and a
+chunk of a kind this engine cannot run fails its items as `unsupported` instead of being retried.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from schema.jobs import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:  # worker.engines.labels imports the package that imports this module
     from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
 
+GENERATE = "generate"  # Generator: text from prompts, stepped so one thread keeps it busy across chunks
+SCORE_LABELS = "score_labels"  # LabelScorer: label log-probabilities and guided choice after a prompt
+CLASSIFY_HEAD = "classify_head"  # HeadClassifier: a sequence-classification model's own labels
+
 
 class Engine(Protocol):
-    """A loaded model that runs a list of requests; one per worker process, loaded once."""
+    """The core: a loaded model, one per worker process, loaded once."""
 
     name: str  # "vllm" or "transformers"
     model_name: str  # the registry name or path it was loaded from
     max_model_len: int  # prompt + completion tokens the engine accepts
+    max_num_seqs: int  # sequences the engine runs at once
+    capabilities: ClassVar[frozenset[str]]  # of GENERATE, SCORE_LABELS, CLASSIFY_HEAD, ...
 
+    def healthy(self) -> bool:
+        """False once the engine cannot make progress any more (its process died)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model and stop any engine process."""
+        ...
+
+
+class Generator(Engine, Protocol):
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run every request; one result per request, in order. A request that cannot run
         (prompt longer than the context, ...) gets a result with `error` set; the rest still run."""
         ...
 
     # Stepping, so one driver thread can keep the engine busy across chunks (worker.engine_loop).
-    max_num_seqs: int  # sequences the engine runs at once
-
     def add(self, request: GenerationRequest) -> str | GenerationResult:
         """Queue one request; returns its key, or at once the failure of a request that cannot run."""
         ...
@@ -35,14 +54,11 @@ class Engine(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
-    def healthy(self) -> bool:
-        """False once the engine cannot make progress any more (its process died)."""
-        ...
-
     def abort(self, keys: list[str]) -> None: ...
 
-    # Classification (worker.classify). Call from the thread that steps the engine (EngineLoop.call).
-    head_labels: list[str] | None  # a sequence-classification model's labels; None for a generative one
+
+class LabelScorer(Engine, Protocol):
+    """Call from the thread that steps the engine (EngineLoop.call)."""
 
     def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
         """Each label's token log-probabilities as the continuation of its query's prompt, the prompt
@@ -53,10 +69,10 @@ class Engine(Protocol):
         """Guided choice: greedy generation constrained to one of the query's labels."""
         ...
 
+
+class HeadClassifier(Engine, Protocol):
+    head_labels: list[str]  # the model's labels, in its id2label order
+
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
         """A classification head's softmax over `head_labels` for each text."""
-        ...
-
-    def close(self) -> None:
-        """Free the model and stop any engine process."""
         ...

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from schema.errors import EngineError, ErrorCode, ModelError
-from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import failed_result
-from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
+from worker.engines.base import CLASSIFY_HEAD
+from worker.engines.labels import HeadScores
 from worker.engines.transformers_engine import compute_dtype
 
 DEFAULT_BATCH_SIZE = 32
-NOT_GENERATIVE = "the model is a classification model: it classifies, it cannot generate text"
-NOT_PROMPTED = "the model is a classification model: it scores its own labels, not prompted ones"
 
 
 class TransformersHeadEngine:
-    """AutoModelForSequenceClassification behind the engine interface; generation requests fail."""
+    """AutoModelForSequenceClassification: a classifier with its own labels; it neither generates nor
+    scores prompted labels."""
 
     name = "transformers"
+    capabilities: ClassVar[frozenset[str]] = frozenset({CLASSIFY_HEAD})
 
     def __init__(self, model: str, *, settings: Settings | None = None, max_model_len: int | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, dtype: torch.dtype | None = None) -> None:
@@ -34,7 +33,7 @@ class TransformersHeadEngine:
         if config is None:
             raise ModelError(f"model '{model}' is not a sequence-classification model with id2label")
         self.model_name, self.batch_size, self.max_num_seqs = model, batch_size, batch_size
-        self.head_labels: list[str] | None = head_labels(config)
+        self.head_labels = head_labels(config)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(source.folder)
@@ -73,29 +72,8 @@ class TransformersHeadEngine:
                                                 f"{self.max_model_len}"))
         return results
 
-    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
-        return [LabelLogprobs(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
-
-    def choose(self, queries: list[LabelQuery]) -> list[Choice]:
-        return [Choice(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
-
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        return [failed_result(NOT_GENERATIVE, code=ErrorCode.unsupported) for _ in requests]
-
-    def add(self, request: GenerationRequest) -> str | GenerationResult:
-        return failed_result(NOT_GENERATIVE, code=ErrorCode.unsupported)
-
-    def step(self) -> list[tuple[str, GenerationResult]]:
-        return []
-
-    def has_unfinished(self) -> bool:
-        return False
-
     def healthy(self) -> bool:
         return self._model is not None  # runs in this process: alive as long as the worker is
-
-    def abort(self, keys: list[str]) -> None:
-        pass
 
     def close(self) -> None:
         self._model = None

@@ -6,19 +6,19 @@ import gc
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from schema.errors import EngineError, ErrorCode, ModelError
+from schema.errors import EngineError, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import admit, failed_result, hf_labels
+from worker.engines.base import GENERATE, SCORE_LABELS
 from worker.engines.labels import (
     Choice,
-    HeadScores,
     LabelLogprobs,
     LabelQuery,
     end_token_id,
@@ -48,6 +48,7 @@ class TransformersEngine:
     """Runs requests with `model.generate`, batching those that share sampling parameters."""
 
     name = "transformers"
+    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS})
 
     def __init__(
         self,
@@ -70,7 +71,6 @@ class TransformersEngine:
         self.max_num_seqs = batch_size
         self._keys = itertools.count()
         self._pending: dict[str, tuple[SamplingParams, list[int]]] = {}  # key -> (sampling, prompt ids)
-        self.head_labels: list[str] | None = None  # a generative model: labels come from the job
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         self._require_model()
@@ -143,9 +143,6 @@ class TransformersEngine:
                                     len(generated) + (generated[-1] != end_token_id(self._tokenizer)))
         return results
 
-    def classify_texts(self, texts: list[str]) -> list[HeadScores]:
-        return [HeadScores(error="the model is not a classification model", error_code=ErrorCode.unsupported)
-                for _ in texts]
 
     def close(self) -> None:
         self._model = None

@@ -22,9 +22,9 @@ from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import admit, failed_result, run_to_completion, vllm_labels
+from worker.engines.base import GENERATE, SCORE_LABELS
 from worker.engines.labels import (
     Choice,
-    HeadScores,
     LabelLogprobs,
     LabelQuery,
     Refused,
@@ -92,6 +92,7 @@ class VLLMEngine:
     """vLLM's engine driven through add/step, with per-request sampling parameters."""
 
     name = "vllm"
+    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS})
     runner_options: ClassVar[dict[str, Any]] = {}  # vllm.LLM options of a variant (worker.engines.vllm_head)
 
     def __init__(
@@ -122,7 +123,6 @@ class VLLMEngine:
         log.info("vLLM engine ready: %s", json.dumps(self.options))
         # Finished generation results that a classification call stepped past; step() hands them out.
         self._stash: list[tuple[str, GenerationResult]] = []
-        self.head_labels: list[str] | None = None  # a generative model: labels come from the job
 
     def _start(self, folder: str) -> vllm.LLM:
         import vllm
@@ -212,9 +212,6 @@ class VLLMEngine:
                                     f"guided choice ended without a label (generated {text!r})")
         return results
 
-    def classify_texts(self, texts: list[str]) -> list[HeadScores]:
-        return [HeadScores(error="the model is not a classification model", error_code=ErrorCode.unsupported)
-                for _ in texts]
 
     def _run(self, requests: list[tuple[list[int], Any]]) -> list[RequestOutput]:
         """Run requests to completion in the engine, alongside any generation in flight (whose

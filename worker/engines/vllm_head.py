@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from schema.errors import EngineError, ErrorCode, ModelError
-from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import failed_result
-from worker.engines.hf_head import NOT_GENERATIVE, NOT_PROMPTED
-from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
+from worker.engines.base import CLASSIFY_HEAD
+from worker.engines.labels import HeadScores
 from worker.engines.vllm_engine import VLLMEngine
 
 
 class VLLMHeadEngine(VLLMEngine):
-    """vLLM with runner="pooling": `classify` returns the model's softmax; generation requests fail."""
+    """vLLM with runner="pooling": `classify` returns the model's softmax. It runs on VLLMEngine's loading
+    and lifecycle, but declares only the head capability: no generation, no prompted labels."""
 
+    capabilities: ClassVar[frozenset[str]] = frozenset({CLASSIFY_HEAD})
     runner_options: ClassVar[dict[str, Any]] = {"runner": "pooling"}
 
     def __init__(self, model: str, *, settings: Settings | None = None, max_model_len: int | None = None) -> None:
@@ -45,14 +45,3 @@ class VLLMHeadEngine(VLLMEngine):
                 HeadScores(prompt_tokens=len(row), error=f"text is {len(row)} tokens; the model's context is "
                                                          f"{self.max_model_len}",
                            error_code=ErrorCode.context_length_exceeded) for i, row in enumerate(ids)]
-
-    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelLogprobs]:
-        return [LabelLogprobs(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
-
-    def choose(self, queries: list[LabelQuery]) -> list[Choice]:
-        return [Choice(error=NOT_PROMPTED, error_code=ErrorCode.unsupported) for _ in queries]
-
-    def add(self, request: GenerationRequest) -> str | GenerationResult:
-        return failed_result(NOT_GENERATIVE, code=ErrorCode.unsupported)
-
-

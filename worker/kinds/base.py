@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from schema import store
 from schema.errors import ChunkTimeout
+from worker.engines.base import Engine
 from worker.runtime import Runtime
 
 T = TypeVar("T")
@@ -19,6 +20,10 @@ Ran = tuple[list[store.Outcome], datetime, datetime]  # outcomes in claim order,
 
 class Runner:
     kind: str  # the schema kind it executes
+    needs: tuple[frozenset[str], ...]  # engine capabilities it runs on: any one of these sets
+
+    def serves(self, engine: Engine) -> bool:
+        return any(need <= engine.capabilities for need in self.needs)
 
     def run(self, runtime: Runtime, claimed: list[store.Claimed]) -> Ran:
         """One outcome per claimed item, in order; a request that cannot run fails alone. Raises only

@@ -5,9 +5,10 @@ or a classification head, run on the thread that owns the engine; the answer bec
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -18,7 +19,7 @@ from schema.db import utcnow
 from schema.errors import ErrorCode
 from schema.kinds.classify import Classification, ClassifyRequest
 from schema.tables import Classification as ClassificationRow
-from worker.engines.base import Engine
+from worker.engines.base import CLASSIFY_HEAD, SCORE_LABELS, Engine, HeadClassifier, LabelScorer
 from worker.engines.labels import LabelLogprobs, LabelQuery
 from worker.kinds import calibration, classify_prompt
 from worker.kinds.base import Ran, Runner, bounded
@@ -42,7 +43,7 @@ def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRe
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(_route(engine, request), []).append(index)
-    runners = {"head": _heads, "choice": _choices, "multi": _multi_label, "score": _scores, "unlabeled": _unlabeled}
+    runners: dict[str, Callable[[Any, list[ClassifyRequest]], list[ClassifyResult]]] = {"head": _heads, "choice": _choices, "multi": _multi_label, "score": _scores, "unlabeled": _unlabeled}
     for route, indices in groups.items():
         for index, result in zip(indices, runners[route](engine, [requests[i] for i in indices]), strict=True):
             results[index] = result
@@ -50,7 +51,7 @@ def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRe
 
 
 def _route(engine: Engine, request: ClassifyRequest) -> str:
-    if engine.head_labels is not None:
+    if CLASSIFY_HEAD in engine.capabilities:
         return "head"
     if request.labels is None:  # submission lets this through only for classification-head models
         return "unlabeled"
@@ -72,7 +73,7 @@ def _unlabeled(engine: Engine, requests: list[ClassifyRequest]) -> list[Classify
 # --- label scoring ------------------------------------------------------------------------------
 
 
-def _scores(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+def _scores(engine: LabelScorer, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
     queries = [classify_prompt.single_label(r, _labels(r)) for r in requests]
     priors = {_single_key(engine, r): (r, None) for r in requests if r.calibrate}
     scored = _score_with_priors(engine, queries, priors)
@@ -89,7 +90,7 @@ def _scores(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRes
     return results
 
 
-def _score_with_priors(engine: Engine, queries: list[LabelQuery],
+def _score_with_priors(engine: LabelScorer, queries: list[LabelQuery],
                        priors: Mapping[Hashable, tuple[ClassifyRequest, str | None]]) -> list[LabelLogprobs]:
     """The queries' label scores. The content-free queries of each prior not known yet ride along in the
     same engine call (no extra round trip), and their prior is remembered."""
@@ -142,7 +143,7 @@ def _answer(labels: list[str], final: list[float], raw: list[float] | None, meth
 # --- multi-label: each label on its own, yes or no --------------------------------------------
 
 
-def _multi_label(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+def _multi_label(engine: LabelScorer, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
     queries = [classify_prompt.yes_no(r, _labels(r), label) for r in requests for label in _labels(r)]
     priors = {_yes_no_key(engine, r, label): (r, label) for r in requests if r.calibrate for label in _labels(r)}
     scored = iter(_score_with_priors(engine, queries, priors))
@@ -167,7 +168,7 @@ def _multi_label(engine: Engine, requests: list[ClassifyRequest]) -> list[Classi
 # --- guided choice and classification heads --------------------------------------------------
 
 
-def _choices(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+def _choices(engine: LabelScorer, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
     queries = [classify_prompt.single_label(r, _labels(r)) for r in requests]
     results = []
     for query, choice in zip(queries, engine.choose(queries), strict=True):
@@ -181,8 +182,8 @@ def _choices(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRe
     return results
 
 
-def _heads(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
-    labels = engine.head_labels or []
+def _heads(engine: HeadClassifier, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    labels = engine.head_labels
     results = []
     for request, scores in zip(requests, engine.classify_texts([r.text for r in requests]), strict=True):
         if scores.error is not None:
@@ -213,6 +214,7 @@ class ClassifyOutcome(store.Outcome):
 
 class Classify(Runner):
     kind = "classify"
+    needs = (frozenset({SCORE_LABELS}), frozenset({CLASSIFY_HEAD}))  # a generative model, or a classifier
 
     def run(self, runtime: Runtime, claimed: list[store.Claimed]) -> Ran:
         """Classify the claimed items on the engine's own thread (vLLM's LLM is not thread-safe)."""

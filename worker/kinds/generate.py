@@ -6,12 +6,14 @@ from __future__ import annotations
 from schema import store
 from schema.db import utcnow
 from schema.jobs import GenerationRequest
+from worker.engines.base import GENERATE
 from worker.kinds.base import Ran, Runner, bounded
 from worker.runtime import Runtime
 
 
 class Generate(Runner):
     kind = "generate"
+    needs = (frozenset({GENERATE}),)
 
     def run(self, runtime: Runtime, claimed: list[store.Claimed]) -> Ran:
         requests = [GenerationRequest.model_validate(c.request) for c in claimed]
