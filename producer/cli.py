@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a Celery worker with the engine loaded once")
     worker.add_argument("--model")
     worker.add_argument("--engine", help="auto (default), vllm, transformers, or module:Class")
+    worker.add_argument("--task", choices=list(kinds.KINDS),
+                        help="load the engine for this task where it matters (vLLM embeds with its pooling "
+                             "runner, which serves only embed); the worker serves every task its engine can")
     worker.add_argument("--loglevel", default="INFO")
     submit = sub.add_parser("submit", help="validate, store and enqueue a file; prints the batch id")
     _job_flags(submit)
@@ -108,7 +111,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         printer(info)
         return info.done
 
-    rt = serve(settings, model=args.model, engine=args.engine, loglevel="WARNING", stop_when=finished)
+    rt = serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel="WARNING",
+               stop_when=finished)
     printer.close()
     info = handle.status()
     counts = handle.results(args.output, args.errors, args.format)
@@ -129,7 +133,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     print(f"gristmill worker: broker {redact(settings.broker_url)}, database {redact(settings.database_url)}",
           file=sys.stderr)
-    serve(settings, model=args.model, engine=args.engine, loglevel=args.loglevel)
+    serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel=args.loglevel)
     return 0
 
 

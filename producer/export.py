@@ -41,7 +41,9 @@ def write(service: Service, batch_id: str, out: Path, errors: Path | None, fmt: 
                 (out_file if record.ok else err_file).write(record.line.model_dump_json() + "\n")
         else:
             columns, rows = service.csv(batch_id)
-            writers: dict[int, csv.DictWriter[str]] = {id(f): csv.DictWriter(f, columns) for f in (out_file, err_file)}  # one if they are the same
+            # extrasaction: an extracted answer may hold keys its schema does not list (they stay in JSONL)
+            writers: dict[int, csv.DictWriter[str]] = {id(f): csv.DictWriter(f, columns, extrasaction="ignore")
+                                                       for f in (out_file, err_file)}  # one if they are the same
             for writer in writers.values():
                 writer.writeheader()
             for ok, row in rows:

@@ -81,7 +81,7 @@ class Service:
         batch_id = new_batch_id()
         new = NewBatch(kind.name, model, spec.model_dump(), name, metadata or {}, window_s)
         store_batch(self.settings, batch_id, new, items)
-        enqueue(self.settings, self.queue, batch_id, model)
+        enqueue(self.settings, self.queue, batch_id, model, kind.name)
         return batch_id
 
     def _check_served(self, kind: str, model: str) -> None:

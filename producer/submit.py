@@ -102,7 +102,7 @@ def _copy_items(session: Session, rows: Iterator[dict[str, Any]]) -> None:
             copy.write_row([row[column] for column in ITEM_COLUMNS])
 
 
-def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str) -> None:
+def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str, kind: str) -> None:
     """Send one task per chunk of queued item ids; SQL already holds everything, the broker only delivers."""
     make_session = get_sessionmaker(settings.database_url)
     with make_session() as session:
@@ -110,7 +110,7 @@ def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str) -> None
             select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued).order_by(Item.line)
         ).all()
     try:
-        queue.send_chunks(batch_id, model, list(ids))
+        queue.send_chunks(batch_id, model, kind, list(ids))
     except Exception as exc:  # kombu raises many kinds; all mean "not delivered"
         _mark_failed(settings, batch_id, f"could not enqueue on {redact(settings.broker_url)}: {type(exc).__name__}")
         raise BrokerError(f"batch {batch_id} was stored but could not be enqueued on "

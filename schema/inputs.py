@@ -232,8 +232,9 @@ def _check_format(obj: dict[str, Any], fmt: Format, name: str, lineno: int, firs
 def _parse_openai(obj: dict[str, Any], lineno: int, job: _Job) -> ParsedItem:
     line = _validate(OpenAILine, obj, job.name, lineno, "")
     if line.url not in SUPPORTED_URLS:
+        hint = " (embedding lines take --task embed)" if line.url == "/v1/embeddings" else ""
         raise InputError(job.name, lineno, "url",
-                         f"unsupported url {line.url!r}; supported: {', '.join(SUPPORTED_URLS)}")
+                         f"unsupported url {line.url!r}; supported: {', '.join(SUPPORTED_URLS)}{hint}")
     if line.url == CHAT_URL:
         chat = _validate(ChatBody, line.body, job.name, lineno, "body")
         # "developer" is the newer name for "system"; engines' chat templates know only "system".

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,16 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class ResponseFormat(BaseModel):
+    """Structured output (OpenAI's response_format): any JSON object, or one matching `json_schema`.
+    Engines constrain decoding to it; the worker parses and validates every answer against it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None  # the JSON schema itself (type json_schema)
+    name: str | None = None
+
+
 class SamplingParams(BaseModel):
     """Sampling parameters every engine honours. Frozen: one object is shared by every item of a job."""
 
@@ -27,6 +37,8 @@ class SamplingParams(BaseModel):
     stop: list[str] | None = Field(default=None, description="stop string (repeatable)",
                                    json_schema_extra={"cli": "append"})
     seed: int | None = Field(default=None, description="sampling seed")
+    # Decoding constraint, as vLLM keeps structured outputs in its SamplingParams; set per line or kind.
+    response_format: ResponseFormat | None = Field(default=None, json_schema_extra={"cli": "hidden"})
 
 
 class GenerationRequest(BaseModel):

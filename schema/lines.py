@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from schema.jobs import ResponseFormat
+from schema.structured import check_json_schema
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -45,6 +48,42 @@ class InputMessage(BaseModel):
         return "".join(p["text"] for p in value)
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: a named JSON schema the answer must match."""
+
+    model_config = _STRICT
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    schema_: dict[str, Any] = Field(alias="schema")  # `schema` would shadow a BaseModel attribute
+    strict: bool | None = None
+    description: str | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _is_a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_json_schema(value)
+
+
+class ResponseFormatBody(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormatBody:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("give json_schema exactly when type is 'json_schema'")
+        return self
+
+    def to_format(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema
+        return ResponseFormat(type=self.type, json_schema=schema.schema_ if schema else None,
+                              name=schema.name if schema else None)
+
+
 class RequestBody(BaseModel):
     """Fields both endpoints share; unknown keys (logprobs, user, metadata, ...) are ignored."""
 
@@ -58,6 +97,7 @@ class RequestBody(BaseModel):
     seed: Seed | None = None
     stream: bool | None = None
     n: Annotated[int, Field(ge=1)] | None = None
+    response_format: ResponseFormatBody | None = None
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -80,6 +120,7 @@ class RequestBody(BaseModel):
             "top_p": self.top_p,
             "stop": self.stop,
             "seed": self.seed,
+            "response_format": self.response_format.to_format() if self.response_format else None,
         }
         # null, like absent, means the job's default
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}

@@ -25,9 +25,10 @@ RUN_CHUNK = "gristmill.run_chunk"
 FALLBACK_CHUNK_SIZE = 64  # before any worker of the model has reported its engine's capacity
 
 
-def queue_for(model: str) -> str:
-    """A queue per model, so a worker only takes work for the model it has loaded."""
-    return "gristmill." + re.sub(r"[^A-Za-z0-9_.\-]+", "_", model).strip("_")[-180:]
+def queue_for(model: str, kind: str) -> str:
+    """A queue per model and task kind, so a worker only takes work its engine can run: the model it has
+    loaded, and a kind its engine serves (a vLLM generation engine does not embed, a pooling one only does)."""
+    return "gristmill." + re.sub(r"[^A-Za-z0-9_.\-]+", "_", model).strip("_")[-180:] + "." + kind
 
 
 def batched(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -96,7 +97,7 @@ def make_app(settings: Settings, model: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,  # a killed worker's chunk goes back to the queue
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_default_queue=queue_for(model or settings.model),
+        task_default_queue=queue_for(model or settings.model, "generate"),  # every send names its queue
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
@@ -116,18 +117,18 @@ class Queue:
         url, options = broker_options(self.settings)
         return self.app.connection_for_write(url, transport_options=options)  # type: ignore[no-any-return]
 
-    def send_chunks(self, batch_id: str, model: str, item_ids: list[int]) -> int:
+    def send_chunks(self, batch_id: str, model: str, kind: str, item_ids: list[int]) -> int:
         """One task per chunk of ids, sized for the model's engines; returns the number of messages sent.
         Raises what kombu raises."""
-        return self.send(batch_id, model, batched(item_ids, chunk_size(self.settings, model)))
+        return self.send(batch_id, model, kind, batched(item_ids, chunk_size(self.settings, model)))
 
-    def send(self, batch_id: str, model: str, chunks: Iterable[list[int]]) -> int:
+    def send(self, batch_id: str, model: str, kind: str, chunks: Iterable[list[int]]) -> int:
         """One task per chunk as given (a split or a redelivery keeps its own cut)."""
         sent = 0
         with self.connection() as conn, conn.Producer() as producer:
             for chunk in chunks:
                 # A short argsrepr: Celery would otherwise repr every id into the message headers.
-                self.app.send_task(RUN_CHUNK, args=[batch_id, chunk], queue=queue_for(model), producer=producer,
+                self.app.send_task(RUN_CHUNK, args=[batch_id, chunk], queue=queue_for(model, kind), producer=producer,
                                    argsrepr=f"[{batch_id!r}, <{len(chunk)} item ids from {chunk[0]}>]")
                 sent += 1
         return sent

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -146,6 +147,21 @@ class Classification(Base):
     raw_probabilities: Mapped[dict[str, float] | None] = mapped_column(Json)  # before calibration
     method: Mapped[str] = mapped_column(String(16))  # score | choice | head
     calibrated: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class Embedding(Base):
+    """An embedding item's vectors, one per input text, as float32 little-endian bytes back to back
+    (4 bytes a dimension: a 576-dimension vector is 2.3 kB, a third of its JSON text)."""
+
+    __tablename__ = "embeddings"
+
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    count: Mapped[int] = mapped_column(Integer)  # vectors
+    dimensions: Mapped[int] = mapped_column(Integer)
+    vectors: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
 
 

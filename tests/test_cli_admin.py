@@ -210,7 +210,7 @@ def test_reconcile_requeues_lost_messages(db_url: str, redis_url: str, settings_
     settings = settings_for(db_url, broker_url=redis_url, chunk_size=4, requeue_grace_s=60,
                             model=f"reconcile-{uuid.uuid4().hex[:8]}")
     handle = api.submit(write_docs(tmp_path, 10), settings=settings)
-    queue = queue_for(settings.model)
+    queue = queue_for(settings.model, "generate")
     ids = [i.id for i in items_of(db_url, handle.id)]
     assert ids_in_redis(redis_url, queue) == {handle.id: set(ids)}
     client = redis.Redis.from_url(redis_url)

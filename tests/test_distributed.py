@@ -100,9 +100,9 @@ def _redeliver_first_chunk(settings, batch_id: str, pg_url: str) -> None:  # typ
 
     with get_sessionmaker(pg_url)() as session:
         ids = list(session.scalars(select(Item.id).where(Item.batch_id == batch_id).order_by(Item.line)))
-    Queue(settings).send(batch_id, settings.model, [ids])
+    Queue(settings).send(batch_id, settings.model, "generate", [ids])
     client = redis.Redis.from_url(settings.broker_url)
     deadline = time.monotonic() + 60
-    while client.llen(queue_for(settings.model)) or client.hlen("unacked"):
+    while client.llen(queue_for(settings.model, "generate")) or client.hlen("unacked"):
         assert time.monotonic() < deadline, "the duplicate chunk was never consumed"
         time.sleep(0.2)

@@ -324,12 +324,12 @@ def test_redis_restart(appendonly: bool, pg_url: str, settings_for, tmp_path: Pa
         handle = submit(settings, docs(tmp_path, 160))  # 20 chunks: most still wait in Redis at the restart
         wait_until(lambda: results(settings) >= 8, 240, "no results", group)
         broker = redis.Redis.from_url(server.url)
-        waiting = broker.llen(queue_for(settings.model))
+        waiting = broker.llen(queue_for(settings.model, "generate"))
         server.stop()
         assert waiting > 0, "no message was waiting in Redis when it stopped"
         time.sleep(2)
         server.start()
-        kept = broker.llen(queue_for(settings.model))  # before any worker could requeue (grace 3 s)
+        kept = broker.llen(queue_for(settings.model, "generate"))  # before any worker could requeue (grace 3 s)
         assert (kept > 0) == appendonly, (waiting, kept)
         assert handle.wait(timeout=300).status == BatchStatus.completed, group.logs()
     finally:
@@ -411,9 +411,9 @@ def assert_open(settings: Settings, batch_id: str) -> dict[str, int]:
 
 def redeliver(settings: Settings, batch_id: str, item_ids: list[int]) -> None:
     """Send these items as one chunk again, as a redelivery would, and wait until it was consumed."""
-    Queue(settings).send(batch_id, settings.model, [item_ids])
+    Queue(settings).send(batch_id, settings.model, "generate", [item_ids])
     client = redis.Redis.from_url(settings.broker_url)
-    wait_until(lambda: not client.llen(queue_for(settings.model)) and not client.hlen("unacked"), 60,
+    wait_until(lambda: not client.llen(queue_for(settings.model, "generate")) and not client.hlen("unacked"), 60,
                "the redelivered chunk was not consumed")
 
 
@@ -478,7 +478,7 @@ def test_pickled_message_is_refused(fault_settings: Settings, workers: Workers, 
     with Queue(fault_settings).connection() as conn, conn.Producer() as producer:
         producer.publish(pickle.dumps(((handle.id, [_Exploit(marker)]), {}, {})), serializer=None,
                          content_type="application/x-python-serialize", content_encoding="binary",
-                         routing_key=queue_for(fault_settings.model), headers={"task": RUN_CHUNK, "id": "evil"})
+                         routing_key=queue_for(fault_settings.model, "generate"), headers={"task": RUN_CHUNK, "id": "evil"})
     wait_until(lambda: "disallowed" in workers.logs().lower() or "refus" in workers.logs().lower(), 60,
                "the worker did not refuse the pickled message", workers)
     assert not marker.exists()

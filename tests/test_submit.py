@@ -46,7 +46,7 @@ def count_rows(url: str) -> tuple[int, int]:
 
 def queued_messages(settings) -> int:  # type: ignore[no-untyped-def]
     if settings.broker_url.startswith("redis"):
-        return int(redis.Redis.from_url(settings.broker_url).llen(queue_for(settings.model)))
+        return int(redis.Redis.from_url(settings.broker_url).llen(queue_for(settings.model, "generate")))
     folder = settings.broker_folder / "queue"
     return len(list(folder.glob("*"))) if folder.exists() else 0
 

@@ -120,7 +120,7 @@ def test_batch_and_reconcile_over_tls(tls_redis: TlsRedisServer, pg_url: str, se
                                       tmp_path: Path) -> None:
     settings = settings_for(pg_url, tls_redis.url, **{**FAST_RECOVERY, "chunk_size": 4})
     client = redis.Redis.from_url(tls_redis.url)  # verifies the server against the test's CA
-    queue = queue_for(settings.model)
+    queue = queue_for(settings.model, "generate")
     group = Workers(settings, tmp_path)
     try:
         group.start(NULL_ENGINE)

@@ -45,7 +45,7 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                 f"cannot run task kind {kind!r}", ErrorCode.unsupported)
         return {"claimed": len(claimed), "succeeded": 0, "failed": len(claimed)}
     if len(claimed) > 1 and any(c.interrupted for c in claimed):
-        return _split(runtime, batch_id, claimed)
+        return _split(runtime, batch_id, runner.kind, claimed)
     if claimed[0].interrupted and claimed[0].attempts > settings.max_attempts:  # a poison item, alone
         give_up(runtime, batch_id, [claimed[0].id], f"gave up after {settings.max_attempts} attempts; "
                                                     f"last error: {claimed[0].last_error}",
@@ -63,14 +63,14 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
     return {"claimed": len(claimed), "succeeded": len(outcomes) - failed, "failed": failed}
 
 
-def _split(runtime: Runtime, batch_id: str, claimed: list[store.Claimed]) -> dict[str, int]:
+def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claimed]) -> dict[str, int]:
     """Send the chunk again as two halves (this claim does not count as an attempt)."""
     ids = [c.id for c in claimed]
     with sessions(runtime)() as session, session.begin():
         store.release(session, ids, "chunk split to isolate a failing item", refund_attempt=True)
     half = len(ids) // 2
-    model = runtime.engine.model_name  # the queue this worker consumes
-    runtime.queue.send(batch_id, model, [ids[:half], ids[half:]])
+    model = runtime.engine.model_name  # the queues this worker consumes
+    runtime.queue.send(batch_id, model, kind, [ids[:half], ids[half:]])
     log.warning("batch %s: split a chunk of %d items that failed before", batch_id, len(ids))
     return {"claimed": 0, "succeeded": 0, "failed": 0, "split": len(ids)}
 

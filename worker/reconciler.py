@@ -51,8 +51,8 @@ def reconcile(settings: Settings, queue: Queue) -> Report:
     report.leases_expired = sum(len(ids) for ids in dead.values())
     with make_session() as session:
         orphans = _queued_without_message(session, settings, exclude=dead)
-    for (batch_id, model), ids in [*dead.items(), *orphans.items()]:
-        queue.send_chunks(batch_id, model, ids)
+    for (batch_id, model, kind), ids in [*dead.items(), *orphans.items()]:
+        queue.send_chunks(batch_id, model, kind, ids)
         report.requeued += len(ids)
     if report.expired_batches or report.leases_expired or report.requeued:
         log.warning("reconciled: %s", report)
@@ -76,40 +76,43 @@ def expire_due(session: Session) -> list[str]:
     return due
 
 
-def _return_dead_leases(session: Session) -> dict[tuple[str, str], list[int]]:
+Route = tuple[str, str, str]  # (batch id, model, kind): where its items are sent
+
+
+def _return_dead_leases(session: Session) -> dict[Route, list[int]]:
     """Queue again the items whose worker stopped renewing its claim; their message died with it."""
     returned = session.execute(
         update(Item).where(Item.status == ItemStatus.running, Item.lease_expires_at < utcnow())
         .values(status=ItemStatus.queued, lease_expires_at=None, interrupted=True,
                 last_error="its worker stopped; queued again", error_code=ErrorCode.engine_error.value)
         .returning(Item.id, Item.batch_id).execution_options(synchronize_session=False)).all()
-    models = dict(session.execute(select(Batch.id, Batch.model).where(
-        Batch.id.in_({batch_id for _, batch_id in returned}))).all()) if returned else {}
-    by_batch: dict[tuple[str, str], list[int]] = {}
+    routes = {batch_id: (batch_id, model, kind) for batch_id, model, kind in session.execute(
+        select(Batch.id, Batch.model, Batch.kind).where(Batch.id.in_({b for _, b in returned})))} if returned else {}
+    by_batch: dict[Route, list[int]] = {}
     for item_id, batch_id in returned:
-        by_batch.setdefault((batch_id, models[batch_id]), []).append(item_id)
+        by_batch.setdefault(routes[batch_id], []).append(item_id)
     return by_batch
 
 
 def _queued_without_message(session: Session, settings: Settings,
-                            exclude: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], list[int]]:
+                            exclude: dict[Route, list[int]]) -> dict[Route, list[int]]:
     cutoff = utcnow() - timedelta(seconds=settings.requeue_grace_s)
     open_batch = Batch.status.in_([BatchStatus.in_progress, BatchStatus.cancelling])
     waiting = (Item.status == ItemStatus.queued) & (Item.enqueued_at < cutoff) & open_batch
-    queues = {queue_for(m) for m in session.scalars(select(Batch.model).where(open_batch).distinct())}
+    queues = {queue_for(m, k) for m, k in session.execute(select(Batch.model, Batch.kind).where(open_batch).distinct())}
     carried = ids_in_broker(settings, queues) if queues else set()
     # Fast path, the usual case: the broker carries at least as many ids as SQL has waiting.
     waiting_count = session.scalar(select(func.count()).select_from(Item).join(Batch).where(waiting)) or 0
     if waiting_count <= len(carried):
         return {}
     rows = session.execute(
-        select(Item.id, Item.batch_id, Batch.model).join(Batch, Batch.id == Item.batch_id)
+        select(Item.id, Item.batch_id, Batch.model, Batch.kind).join(Batch, Batch.id == Item.batch_id)
         .where(waiting).order_by(Item.batch_id, Item.line)).all()
     carried.update(i for ids in exclude.values() for i in ids)
-    orphans: dict[tuple[str, str], list[int]] = {}
-    for item_id, batch_id, model in rows:
+    orphans: dict[Route, list[int]] = {}
+    for item_id, batch_id, model, kind in rows:
         if item_id not in carried:
-            orphans.setdefault((batch_id, model), []).append(item_id)
+            orphans.setdefault((batch_id, model, kind), []).append(item_id)
     return orphans
 
 

@@ -47,13 +47,13 @@ _current: Runtime | None = None
 
 
 def start(settings: Settings, model: str | None = None, engine: str | None = None,
-          on_engine_failure: Callable[[], None] | None = None) -> Runtime:
+          on_engine_failure: Callable[[], None] | None = None, task: str | None = None) -> Runtime:
     """Prepare the database and load the engine; every task in this process then uses them."""
     global _current
     upgrade(settings.database_url)
     model = model or settings.model
     began = time.perf_counter()
-    loaded = load_engine(model, engine or settings.engine, settings)
+    loaded = load_engine(model, engine or settings.engine, settings, task)
     started_s = time.perf_counter() - began
     _current = Runtime(settings=settings, engine=loaded, loop=EngineLoop(loaded, on_engine_failure),
                        queue=Queue(settings, make_app(settings, model)), engine_start_s=started_s)

@@ -20,16 +20,17 @@ from worker.reconciler import reconcile
 log = logging.getLogger(__name__)
 
 
-def serve(settings: Settings, *, model: str | None = None, engine: str | None = None,
+def serve(settings: Settings, *, model: str | None = None, engine: str | None = None, task: str | None = None,
           loglevel: str = "INFO", stop_when: Callable[[], bool] | None = None) -> runtime.Runtime:
-    """Load the engine, then consume this model's queue until SIGTERM/SIGINT (or `stop_when()` is true).
+    """Load the engine, then consume the model's queues of every task kind the engine serves until
+    SIGTERM/SIGINT (or `stop_when()` is true).
 
     The pool is `threads`: tasks run in this process next to the engine (vLLM may start its engine
     process; a prefork child is a daemon and cannot), several chunks at once, all fed to the one
     engine loop so it never drains between chunks.
     """
     model = model or settings.model
-    rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down)
+    rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down, task=task)
     kinds = served_kinds(rt.engine)
     log.info("engine %s loaded %s in %.1f s; it runs %d sequences at once; %d chunks in flight; serves %s",
              rt.engine.name, model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks, ", ".join(kinds))
@@ -37,7 +38,7 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     tasks.bind(app)
     worker_id = rt.host
     worker = app.Worker(
-        pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model)], loglevel=loglevel,
+        pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model, kind) for kind in kinds], loglevel=loglevel,
         hostname=worker_id, without_mingle=True, without_gossip=True,
     )
     workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs, kinds)

@@ -4,10 +4,10 @@ worker/kinds/<kind>.py; adding one means those two files and a line here and in 
 from __future__ import annotations
 
 from schema.errors import ConfigError
-from schema.kinds import classify, generate
+from schema.kinds import classify, embed, extract, generate
 from schema.kinds.base import Kind, Limits
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (generate.KIND, classify.KIND)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (generate.KIND, classify.KIND, extract.KIND, embed.KIND)}
 
 __all__ = ["KINDS", "Kind", "Limits", "get"]
 

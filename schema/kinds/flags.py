@@ -13,8 +13,10 @@ import argparse
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel
 
 from schema.errors import InputError
@@ -25,6 +27,7 @@ class Flag:
     path: tuple[str, ...]  # where the value goes in the spec: ("sampling", "max_tokens")
     option: str  # "--max-tokens"
     options: dict[str, Any]  # add_argument's keyword arguments
+    load: Callable[[str], Any] | None = None  # the flag names a file; this reads the value from it
 
     @property
     def dest(self) -> str:
@@ -33,11 +36,13 @@ class Flag:
 
 def spec_flags(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[Flag]:
     for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("cli") == "hidden":
+            continue
         base = _unwrap(field.annotation)
         if isinstance(base, type) and issubclass(base, BaseModel):
             yield from spec_flags(base, (*prefix, name))
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         option = str(extra.get("flag") or "--" + name.replace("_", "-"))
         options: dict[str, Any] = {"default": None, "help": field.description}
         if base is bool:
@@ -45,6 +50,10 @@ def spec_flags(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator
             options.update(action="store_const", const=field.default is not True)
         elif get_origin(base) is Literal:
             options["choices"] = list(get_args(base))
+        elif extra.get("cli") == "file":
+            options["metavar"] = "PATH"
+            yield Flag((*prefix, name), option, options, load_structured_file)
+            continue
         elif get_origin(base) is list:
             options.update(action="append") if extra.get("cli") == "append" else options.update(type=split_list)
         else:
@@ -65,18 +74,34 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",")] if text.strip() else []
 
 
+def load_structured_file(path: str) -> Any:
+    """A JSON or YAML file's content; InputError names the file (and the line where it does not parse)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, None, None, f"cannot read file: {exc}") from exc
+    try:
+        return yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(path, mark.line + 1 if mark else None, None,
+                         f"not valid JSON or YAML: {getattr(exc, 'problem', None) or exc}") from None
+
+
 FileFlags = dict[str, Callable[[str], Any]]  # field -> loader of `--<field>-file PATH`
 
 
 def add_spec_flags(parser: argparse.ArgumentParser, kinds: dict[str, tuple[type[BaseModel], FileFlags]]) -> None:
     """One flag per spec field of every kind (shared where kinds share a field), its help naming the kinds."""
-    by_option: dict[str, tuple[Flag, list[str]]] = {}
+    by_option: dict[str, tuple[Flag, dict[str, list[str]]]] = {}  # option -> (flag, help -> kinds)
     for kind, (model, file_flags) in kinds.items():
         for flag in [*spec_flags(model), *_file_flags(file_flags)]:
-            by_option.setdefault(flag.option, (flag, []))[1].append(kind)
-    for option, (flag, users) in by_option.items():
-        options = {**flag.options, "help": f"{', '.join(users)}: {flag.options.get('help') or ''}".rstrip(": ")}
-        parser.add_argument(option, dest=flag.dest, **options)
+            helps = by_option.setdefault(flag.option, (flag, {}))[1]
+            helps.setdefault(flag.options.get("help") or "", []).append(kind)
+    for option, (flag, helps) in by_option.items():
+        text = "; ".join(f"{', '.join(users)}: {help_}".rstrip(": ") for help_, users in helps.items())
+        metavar = {} if "choices" in flag.options else {"metavar": flag.path[-1].upper()}
+        parser.add_argument(option, dest=flag.dest, **{**metavar, **flag.options, "help": text})
 
 
 def _file_flags(file_flags: FileFlags) -> Iterator[Flag]:
@@ -93,7 +118,7 @@ def spec_values(args: argparse.Namespace, kind: str, model: type[BaseModel], fil
     for flag in own.values():
         value = getattr(args, flag.dest, None)
         if value is not None:
-            _put(values, flag.path, value)
+            _put(values, flag.path, flag.load(value) if flag.load else value)
     for field, load in file_flags.items():
         file_flag = next(_file_flags({field: load}))
         path = getattr(args, file_flag.dest, None)

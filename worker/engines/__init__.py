@@ -53,13 +53,19 @@ def _vllm_imports() -> bool:
     return True
 
 
-def load_engine(model: str, engine: str = "auto", settings: Settings | None = None) -> Engine:
-    """Load `model` (registry name, HF folder or .gguf path) into the chosen engine; slow, do it once."""
+def load_engine(model: str, engine: str = "auto", settings: Settings | None = None,
+                task: str | None = None) -> Engine:
+    """Load `model` (registry name, HF folder or .gguf path) into the chosen engine; slow, do it once.
+    `task="embed"` on vLLM loads its pooling runner (vLLM runs a model either to generate or to pool)."""
     settings = settings or get_settings()
     chosen = pick_engine(engine)
     try:
         if chosen in ENGINES and _is_head(model):  # a sequence-classification model: a classifier
             return _load_head(model, chosen, settings)
+        if chosen == "vllm" and task == "embed":
+            from worker.engines.vllm_embed import VLLMEmbedEngine
+
+            return VLLMEmbedEngine(model, settings=settings)
         if chosen == "vllm":
             from worker.engines.vllm_engine import VLLMEngine
 

@@ -7,8 +7,10 @@ chunk of a kind this engine cannot run fails its items as `unsupported` instead 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from schema.errors import ErrorCode
 from schema.jobs import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:  # worker.engines.labels imports the package that imports this module
@@ -17,6 +19,7 @@ if TYPE_CHECKING:  # worker.engines.labels imports the package that imports this
 GENERATE = "generate"  # Generator: text from prompts, stepped so one thread keeps it busy across chunks
 SCORE_LABELS = "score_labels"  # LabelScorer: label log-probabilities and guided choice after a prompt
 CLASSIFY_HEAD = "classify_head"  # HeadClassifier: a sequence-classification model's own labels
+EMBED = "embed"  # Embedder: one normalised vector per text
 
 
 class Engine(Protocol):
@@ -75,4 +78,24 @@ class HeadClassifier(Engine, Protocol):
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
         """A classification head's softmax over `head_labels` for each text."""
+        ...
+
+
+@dataclass
+class Embedded:
+    """One text's embedding (L2-normalised), or why it has none."""
+
+    vector: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None
+    error_code: ErrorCode = ErrorCode.engine_error
+
+
+class Embedder(Engine, Protocol):
+    """Call from the thread that owns the engine (EngineLoop.call)."""
+
+    matryoshka: bool  # the model allows shorter vectors (a truncation, renormalised): OpenAI's `dimensions`
+
+    def embed(self, texts: list[str]) -> list[Embedded]:
+        """The pooled, normalised last hidden state of each text; a text too long for the context fails alone."""
         ...

@@ -11,12 +11,12 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from schema.errors import EngineError, ModelError
+from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import admit, failed_result, hf_labels
-from worker.engines.base import GENERATE, SCORE_LABELS
+from worker.engines import admit, failed_result, hf_labels, hf_structured
+from worker.engines.base import EMBED, GENERATE, SCORE_LABELS, Embedded
 from worker.engines.labels import (
     Choice,
     LabelLogprobs,
@@ -25,6 +25,7 @@ from worker.engines.labels import (
     greedy_walk,
     split_runnable,
 )
+from worker.engines.pooling import is_matryoshka, pooling_of
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -48,7 +49,7 @@ class TransformersEngine:
     """Runs requests with `model.generate`, batching those that share sampling parameters."""
 
     name = "transformers"
-    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS})
+    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS, EMBED})
 
     def __init__(
         self,
@@ -64,10 +65,13 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._model: PreTrainedModel | None
-        self._tokenizer, self._model = _load(resolve_model(model), dtype or compute_dtype(), self.device)
+        source = resolve_model(model)
+        self._tokenizer, self._model = _load(source, dtype or compute_dtype(), self.device)
+        self.pooling, self.matryoshka = pooling_of(source.folder), is_matryoshka(source.folder)
         context = getattr(self._model.config, "max_position_embeddings", None) or 10**9
         self.max_model_len = min(max_model_len or settings.max_model_len, context)
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        self._enforcer_data: Any = None  # lm-format-enforcer's view of the vocabulary, on first use
         self.max_num_seqs = batch_size
         self._keys = itertools.count()
         self._pending: dict[str, tuple[SamplingParams, list[int]]] = {}  # key -> (sampling, prompt ids)
@@ -114,6 +118,45 @@ class TransformersEngine:
     def abort(self, keys: list[str]) -> None:
         for key in keys:
             self._pending.pop(key, None)
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    def embed(self, texts: list[str]) -> list[Embedded]:
+        """The model's last hidden state pooled (worker.engines.pooling) and L2-normalised, per text."""
+        results = [Embedded() for _ in texts]
+        runnable: list[tuple[int, list[int]]] = []
+        for index, text in enumerate(texts):
+            ids = list(self._tokenizer(text)["input_ids"])
+            if not ids or len(ids) > self.max_model_len:
+                results[index] = Embedded(prompt_tokens=len(ids), error_code=ErrorCode.context_length_exceeded,
+                                          error=f"text is {len(ids)} tokens; the model's context is "
+                                                f"{self.max_model_len}")
+            else:
+                runnable.append((index, ids))
+        ordered = sorted(runnable, key=lambda item: len(item[1]))  # similar lengths pad least
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start : start + self.batch_size]
+            for (index, ids), vector in zip(batch, self._pool([ids for _, ids in batch]), strict=True):
+                results[index] = Embedded(vector, len(ids))
+        return results
+
+    def _pool(self, rows: list[list[int]]) -> list[list[float]]:
+        model: Any = self._require_model()
+        inputs = self._tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)  # left padding
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # each row counts from its own first token
+        with torch.inference_mode():
+            out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
+                        output_hidden_states=True)
+        states = out.hidden_states[-1].float()
+        if self.pooling == "LAST":
+            pooled = states[:, -1]
+        elif self.pooling == "CLS":
+            pooled = states[torch.arange(len(rows)), mask.argmax(-1)]  # the first real token
+        else:
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1)
+        return torch.nn.functional.normalize(pooled, dim=-1).tolist()  # type: ignore[no-any-return]
 
     # --- classification ------------------------------------------------------------------------
 
@@ -187,6 +230,11 @@ class TransformersEngine:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False)
+        if sampling.response_format is not None:
+            if self._enforcer_data is None:  # built once: it decodes the whole vocabulary
+                self._enforcer_data = hf_structured.tokenizer_data(self._tokenizer, sorted(self._eos_ids))
+            kwargs["prefix_allowed_tokens_fn"] = hf_structured.allowed_tokens_fn(self._enforcer_data,
+                                                                                sampling.response_format)
         stops = [stop for stop in sampling.stop or [] if stop]
         if stops:
             # Stops each sequence early; the exact cut is made in _result.

@@ -154,6 +154,7 @@ class VLLMEngine:
 
     def add(self, request: GenerationRequest) -> str | GenerationResult:
         """Queue one request in the engine; its key, or at once the failure of a request that cannot run."""
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -167,8 +168,10 @@ class VLLMEngine:
         key = str(next(self._keys))
         try:
             llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=runnable[0][1]), params)
-        except (RuntimeError, ValueError) as exc:
-            return failed_result(f"vLLM refused the request: {exc}", code=ErrorCode.invalid_request)
+        except (RuntimeError, ValueError, VLLMClientError) as exc:
+            # A response_format whose schema no grammar can satisfy (minimum above maximum) is refused here.
+            code = ErrorCode.schema_mismatch if params.structured_outputs else ErrorCode.invalid_request
+            return failed_result(f"vLLM refused the request: {exc}", code=code)
         return key
 
     def step(self) -> list[tuple[str, GenerationResult]]:
@@ -283,14 +286,20 @@ class VLLMEngine:
 
 def _sampling_params(request: GenerationRequest) -> vllm.SamplingParams:
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     sampling = request.sampling
+    fmt = sampling.response_format
+    structured = None if fmt is None else (  # vLLM's structured outputs (xgrammar) constrain decoding
+        StructuredOutputsParams(json=fmt.json_schema) if fmt.json_schema is not None
+        else StructuredOutputsParams(json_object=True))
     return SamplingParams(
         max_tokens=sampling.max_tokens,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         stop=[stop for stop in sampling.stop or [] if stop] or None,
         seed=sampling.seed,
+        structured_outputs=structured,
     )
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from worker.engines.base import Engine
-from worker.kinds import classify, generate
+from worker.kinds import classify, embed, extract, generate
 from worker.kinds.base import Runner
 
-RUNNERS: dict[str, Runner] = {runner.kind: runner for runner in (generate.RUNNER, classify.RUNNER)}
+RUNNERS: dict[str, Runner] = {runner.kind: runner for runner in (generate.RUNNER, classify.RUNNER, extract.RUNNER, embed.RUNNER)}
 
 
 def served_kinds(engine: Engine) -> list[str]:

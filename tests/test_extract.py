@@ -1,0 +1,154 @@
+"""Structured extraction on both real engines: `--task extract --schema` and OpenAI lines with a
+response_format. Every answer parses and validates against its schema; an answer that cannot is an
+item error (schema_mismatch, invalid_json) with its raw text, and the rest of the batch runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from sqlalchemy import select
+
+from producer import api
+from schema.db import get_sessionmaker
+from schema.jobs import SamplingParams
+from schema.outputs import OutputLine
+from schema.queue import Queue
+from schema.states import BatchStatus
+from schema.tables import Item
+from tests.conftest import gristmill
+from worker import executor
+from worker.engine_loop import EngineLoop
+from worker.engines import load_engine
+from worker.runtime import Runtime
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {"type": "string", "enum": ["Paris", "Berlin", "Rome", "Madrid"]},
+        "contact": {"type": "object", "properties": {"email": {"type": "string"}}, "required": ["email"],
+                    "additionalProperties": False},
+    },
+    "required": ["name", "age", "city", "contact"],
+    "additionalProperties": False,
+}
+TEXTS = {
+    "anna": "Anna is 31 and lives in Rome. Write to anna@example.com.",
+    "bob": "Bob, 45, moved to Berlin last year; his address is bob@mail.de.",
+    "chloe": "Chloe (27) works in Paris. Contact: chloe.m@web.fr",
+    "diego": "Diego is a 52-year-old teacher from Madrid, diego@correo.es.",
+}
+
+
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
+def engine(request: pytest.FixtureRequest) -> Iterator[tuple[Any, EngineLoop]]:
+    loaded = load_engine("smollm2-135m-instruct", request.param)
+    loop = EngineLoop(loaded)
+    yield loaded, loop
+    loop.close()
+    loaded.close()
+
+
+def write_lines(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def run_batch(settings: Any, handle: api.BatchHandle, engine: tuple[Any, EngineLoop]) -> dict[str, Item]:
+    with get_sessionmaker(settings.database_url)() as session:
+        ids = list(session.scalars(select(Item.id).where(Item.batch_id == handle.id, Item.status == "queued")))
+    executor.run_chunk(Runtime(settings, *engine, queue=Queue(settings)), handle.id, ids)
+    assert handle.status().status == BatchStatus.completed
+    with get_sessionmaker(settings.database_url)() as session:
+        return {i.custom_id: i for i in session.scalars(select(Item).where(Item.batch_id == handle.id))}
+
+
+def answers(handle: api.BatchHandle) -> dict[str, Any]:
+    """Each succeeded line's answer, after checking every line against vLLM's own batch output model."""
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
+
+    found = {}
+    for record in handle.output():
+        text = record.line.model_dump_json()
+        BatchRequestOutput.model_validate_json(text)
+        line = OutputLine.model_validate_json(text)
+        if line.response is not None:
+            found[line.custom_id] = json.loads(line.response.body.choices[0].message.content)  # type: ignore[union-attr]
+    return found
+
+
+def test_extraction_follows_a_nested_schema_with_enums(sqlite_url: str, settings_for, tmp_path: Path,
+                                                        engine: tuple[Any, EngineLoop]) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(sqlite_url)
+    docs = write_lines(tmp_path / "people.jsonl", [{"id": k, "text": v} for k, v in TEXTS.items()])
+    handle = api.submit(docs, settings=settings, task="extract", json_schema=PERSON,
+                        sampling=SamplingParams(max_tokens=96))
+    items = run_batch(settings, handle, engine)
+    assert {c: (i.status, i.error_code) for c, i in items.items()} == {c: ("succeeded", None) for c in TEXTS}
+    found = answers(handle)
+    assert set(found) == set(TEXTS)
+    for answer in found.values():
+        jsonschema.validate(answer, PERSON)
+    table = tmp_path / "people.csv"
+    handle.results(table, fmt="csv")
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    assert list(rows[0]) == ["custom_id", "status", "name", "age", "city", "contact", "error_code", "error"]
+    assert [(r["name"], int(r["age"]), r["city"]) for r in rows] == [
+        (found[c]["name"], found[c]["age"], found[c]["city"]) for c in TEXTS]
+    assert json.loads(rows[0]["contact"]) == found["anna"]["contact"]
+
+
+def test_unfollowable_answers_fail_alone(sqlite_url: str, settings_for, tmp_path: Path,
+                                         engine: tuple[Any, EngineLoop]) -> None:  # type: ignore[no-untyped-def]
+    """OpenAI lines with response_format in one batch: an impossible schema (minimum above maximum) gives
+    schema_mismatch, an answer cut by max_tokens gives invalid_json, the others succeed."""
+    settings = settings_for(sqlite_url)
+    impossible = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10, "maximum": 5}},
+                  "required": ["n"]}
+
+    def line(custom_id: str, fmt: dict[str, Any], max_tokens: int = 64, text: str = TEXTS["anna"]) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": f"As JSON: {text}"}],
+                         "max_tokens": max_tokens, "response_format": fmt}}
+
+    person = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    batch = write_lines(tmp_path / "in.jsonl", [
+        line("object", {"type": "json_object"}, text='the object {"ok": true}'),
+        line("person", person, max_tokens=96),
+        line("impossible", {"type": "json_schema", "json_schema": {"name": "n", "schema": impossible}}),
+        line("cut", person, max_tokens=4),
+    ])
+    handle = api.submit(batch, settings=settings)
+    items = run_batch(settings, handle, engine)
+    assert {c: i.error_code for c, i in items.items()} == {
+        "object": None, "person": None, "impossible": "schema_mismatch", "cut": "invalid_json"}
+    assert "raw answer: " in (items["cut"].last_error or "")
+    found = answers(handle)
+    assert isinstance(found["object"], dict)
+    jsonschema.validate(found["person"], PERSON)
+
+
+def test_extract_from_the_cli(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(sqlite_url)
+    (tmp_path / "person.yaml").write_text(json.dumps(PERSON))
+    docs = write_lines(tmp_path / "people.jsonl", [{"id": k, "text": v} for k, v in list(TEXTS.items())[:2]])
+    bad = gristmill("submit", str(docs), "--task", "extract", "--schema", str(tmp_path / "nope.json"),
+                    settings=settings, cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "nope.json: cannot read file" in bad.stderr
+    (tmp_path / "broken.json").write_text('{"type": "objekt"}')
+    bad = gristmill("submit", str(docs), "--task", "extract", "--schema", str(tmp_path / "broken.json"),
+                    settings=settings, cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "not a valid JSON schema" in bad.stderr, bad.stderr
+    out = tmp_path / "people.csv"
+    gristmill("run", str(docs), "--task", "extract", "--schema", str(tmp_path / "person.yaml"), "--max-tokens", "96",
+              "--engine", "transformers", "--format", "csv", "-o", str(out), settings=settings, cwd=tmp_path)
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["custom_id"] for r in rows] == ["anna", "bob"] and all(r["status"] == "succeeded" for r in rows)
+    assert {r["city"] for r in rows} <= {"Paris", "Berlin", "Rome", "Madrid"}
