@@ -10,7 +10,7 @@ from typing import Any
 from producer import export
 from producer.service import Record, Service, Source
 from schema.batch_object import BatchObject
-from schema.settings import Settings
+from schema.settings import Settings, get_settings
 
 
 class BatchHandle:
@@ -18,7 +18,7 @@ class BatchHandle:
 
     def __init__(self, batch_id: str, settings: Settings | None = None, service: Service | None = None) -> None:
         self.id = batch_id
-        self.service = service or Service(settings)
+        self.service = service or service_for(settings)
         self.settings = self.service.settings
 
     def __repr__(self) -> str:
@@ -59,25 +59,40 @@ class BatchHandle:
 
 def submit(source: Source, *, task: str = "generate", model: str | None = None,
            metadata: dict[str, Any] | None = None, completion_window: str = "24h",
-           settings: Settings | None = None, name: str | None = None, **options: Any) -> BatchHandle:
+           settings: Settings | None = None, name: str | None = None, check_workers: bool = True,
+           **options: Any) -> BatchHandle:
     """Validate, store and enqueue a batch from a path, bytes, an open binary file or a generator of
     byte chunks. Raises InputError (nothing written) on a bad input.
 
     `options` are the task kind's spec (schema/kinds): for task="generate", `sampling` (SamplingParams)
-    and `system_prompt`; for task="classify", `labels`, `instruction`, `method` ("score" or "choice"),
-    `calibrate`, `multi_label`, `threshold`.
+    and `system_prompt`; "classify": `labels`, `instruction`, `method` ("score" or "choice"),
+    `calibrate`, `multi_label`, `threshold`; "extract": `json_schema`, `instruction`, `sampling`;
+    "embed": `encoding_format`, `dimensions`. A kind the live workers of the model cannot run is
+    refused (NotServed) unless `check_workers=False`.
     """
-    service = Service(settings)
+    service = service_for(settings)
     batch_id = service.submit(source, name=name, task=task, model=model, metadata=metadata,
-                              completion_window=completion_window, **options)
+                              completion_window=completion_window, check_workers=check_workers, **options)
     return BatchHandle(batch_id, service=service)
 
 
 def open_batch(batch_id: str, settings: Settings | None = None) -> BatchHandle:
-    handle = BatchHandle(batch_id, settings)
+    handle = BatchHandle(batch_id, service=service_for(settings))
     handle.status()
     return handle
 
 
 def list_batches(limit: int = 20, settings: Settings | None = None) -> list[BatchObject]:
-    return Service(settings).list_batches(limit)
+    return service_for(settings).list_batches(limit)
+
+
+_services: dict[str, Service] = {}
+
+
+def service_for(settings: Settings | None = None) -> Service:
+    """One Service (and so one Celery app) per settings in this process."""
+    settings = settings or get_settings()
+    key = settings.model_dump_json()
+    if key not in _services:
+        _services[key] = Service(settings)
+    return _services[key]

@@ -83,11 +83,12 @@ def _metadata(pairs: list[str]) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
-def _submit(args: argparse.Namespace, settings: Settings) -> api.BatchHandle:
+def _submit(args: argparse.Namespace, settings: Settings, check_workers: bool = True) -> api.BatchHandle:
     model, file_flags = SPECS[args.task]
     options = spec_values(args, args.task, model, file_flags, SPECS)
     return api.submit(args.input, task=args.task, model=args.model, metadata=_metadata(args.metadata),
-                      completion_window=args.completion_window, settings=settings, **options)
+                      completion_window=args.completion_window, settings=settings, check_workers=check_workers,
+                      **options)
 
 
 def _wait(handle: api.BatchHandle) -> Any:
@@ -102,7 +103,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.service import serve
 
     started = time.perf_counter()
-    handle = _submit(args, settings)
+    handle = _submit(args, settings, check_workers=False)  # its own worker starts next
     print(f"batch {handle.id}", file=sys.stderr)
     printer = ProgressPrinter()
 

@@ -62,15 +62,18 @@ class Service:
     # --- putting work in ----------------------------------------------------------------------
 
     def submit(self, source: Source, *, name: str | None = None, task: str = "generate", model: str | None = None,
-               metadata: dict[str, Any] | None = None, completion_window: str = "24h", **options: Any) -> str:
+               metadata: dict[str, Any] | None = None, completion_window: str = "24h", check_workers: bool = True,
+               **options: Any) -> str:
         """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
         (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
-        InputError naming the source, line and field, and nothing is written."""
+        InputError naming the source, line and field, and nothing is written. `check_workers=False`
+        skips refusing a kind the live workers cannot run (`gristmill run` brings its own worker)."""
         kind = kinds.get(task)
         spec = kind.spec(**options)
         window_s = parse_window(completion_window)
         model = model or self.settings.model
-        self._check_served(kind.name, model)
+        if check_workers:
+            self._check_served(kind.name, model)
         limits = kinds.Limits(model, self.settings.max_line_bytes, self.settings.max_items_per_batch)
         name = name or (str(source) if isinstance(source, (str, Path)) else "<input>")
         try:

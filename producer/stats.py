@@ -28,7 +28,7 @@ def summarise(session: Session, batch_id: str) -> dict[str, Any]:
     batch = session.get(Batch, batch_id)
     assert batch is not None
     waits = [w for (w,) in session.execute(select(Item.queue_wait_s).where(
-        Item.batch_id == batch_id, Item.queue_wait_s.is_not(None)))]
+        Item.batch_id == batch_id, Item.queue_wait_s.is_not(None))) if w is not None]
     engine_times = [e for (e,) in session.execute(select(EngineBatch.engine_s).where(EngineBatch.batch_id == batch_id))]
     first_start, last_finish = session.execute(
         select(func.min(Item.started_at), func.max(Item.finished_at)).where(

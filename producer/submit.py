@@ -96,6 +96,7 @@ def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
 def _copy_items(session: Session, rows: Iterator[dict[str, Any]]) -> None:
     """PostgreSQL's COPY: the fastest way in, in the same transaction as the batch row."""
     raw = session.connection().connection.driver_connection
+    assert raw is not None  # a live connection: the batch row was just flushed on it
     with raw.cursor() as cursor, cursor.copy(f"COPY items ({', '.join(ITEM_COLUMNS)}) FROM STDIN") as copy:
         for row in rows:
             row["request"], row["body"] = json.dumps(row["request"]), json.dumps(row["body"])

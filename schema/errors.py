@@ -62,9 +62,5 @@ class ErrorCode(StrEnum):
     batch_expired = "batch_expired"
 
 
-# Retried (the chunk goes back to the queue); every other code fails its item at once.
-TRANSIENT_CODES = frozenset({ErrorCode.engine_error, ErrorCode.timeout})
-
-
 class ChunkTimeout(EngineError):
     """A chunk ran past its time limit; its items go back to the queue."""

@@ -11,15 +11,9 @@ model, stream, n > 1) is not a file error: its ParsedItem carries `error` and th
 from __future__ import annotations
 
 import io
-import json
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, TypeVar
-
-from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
+from typing import Any, BinaryIO, Literal
 
 from schema.errors import ErrorCode, InputError
 from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
@@ -32,26 +26,9 @@ from schema.lines import (
     RequestBody,
     SimpleLine,
 )
+from schema.reading import ParsedItem, decode_line, read_lines, validate_as
 
 Format = Literal["openai", "simple"]
-_M = TypeVar("_M", bound=BaseModel)
-_BOM = b"\xef\xbb\xbf"
-_MAX_DEPTH = 64  # deeper JSON is no request, and can hit recursion limits when stored or re-encoded
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-               bool: "boolean", type(None): "null"}
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedItem:
-    """One request line, validated. `error` set: valid, but fails at once without reaching an engine."""
-
-    line: int  # 1-based, blank lines included: the line an editor shows
-    custom_id: str
-    endpoint: str  # the kind's endpoint: CHAT_URL or COMPLETIONS_URL for generation (simple lines: chat)
-    request: BaseModel  # what the worker runs, stored in items.request (generation: GenerationRequest)
-    body: dict[str, Any]  # the OpenAI body, or the whole simple line, verbatim, for audit
-    error: str | None = None
-    error_code: ErrorCode | None = None  # set with `error`
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +74,13 @@ def parse_input_stream(stream: BinaryIO, name: str, *, defaults: SamplingParams,
     items: list[ParsedItem] = []
     first_line: dict[str, int] = {}  # custom_id -> line it first appeared on
     fmt: Format | None = None
-    for lineno, raw in _read_lines(stream, name, max_line_bytes):
+    for lineno, raw in read_lines(stream, name, max_line_bytes):
         if not raw.strip():
             continue
         if len(items) == max_items:
             raise InputError(name, lineno, None, f"file has more than {max_items} requests; the limit is "
                                                  f"{max_items}")
-        obj = _decode(raw, name, lineno)
+        obj = decode_line(raw, name, lineno)
         fmt = fmt or ("openai" if _is_openai(obj) else "simple")
         _check_format(obj, fmt, name, lineno, items[0].line if items else lineno)
         item = _parse_openai(obj, lineno, job) if fmt == "openai" else _parse_simple(obj, lineno, job)
@@ -118,98 +95,6 @@ def parse_input_stream(stream: BinaryIO, name: str, *, defaults: SamplingParams,
     if not items:
         raise InputError(name, None, None, "file has no requests")
     return items
-
-
-# --- reading and decoding -------------------------------------------------------------------------
-
-
-def _read_lines(stream: BinaryIO, name: str, limit: int) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line without its terminator); an over-long line raises before it is held."""
-    lineno = 0
-    while chunk := stream.readline(limit + 2):  # +2: room for the "\r\n" after a line of `limit` bytes
-        lineno += 1
-        line = chunk.removesuffix(b"\n").removesuffix(b"\r")
-        if len(line) > limit:
-            raise InputError(name, lineno, None,
-                             f"line is {_line_length(stream, chunk)} bytes; the limit is {limit}")
-        yield lineno, (line.removeprefix(_BOM) if lineno == 1 else line)
-
-
-def _line_length(stream: BinaryIO, chunk: bytes) -> int:
-    """Length, without terminator, of a line whose first `chunk` was read; consumes the rest of it."""
-    total, tail = len(chunk), chunk
-    while not tail.endswith(b"\n") and (more := stream.readline(1 << 20)):
-        total, tail = total + len(more), tail[-1:] + more  # keep one byte: "\r\n" may span two reads
-    return total - (len(tail) - len(tail.removesuffix(b"\n").removesuffix(b"\r")))
-
-
-def _decode(raw: bytes, name: str, lineno: int) -> dict[str, Any]:
-    """The line as a JSON object that can be stored as it is, or InputError saying why not."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(name, lineno, None, f"not valid UTF-8 (bad byte at offset {exc.start})") from None
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as exc:
-        raise InputError(name, lineno, None, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
-    except _BadConstant as exc:
-        raise InputError(name, lineno, None, f"not valid JSON: {exc}") from None
-    except ValueError:  # only int() fails with a plain ValueError: past sys.get_int_max_str_digits()
-        raise InputError(name, lineno, None, "not valid JSON: a number has too many digits") from None
-    except RecursionError:
-        raise InputError(name, lineno, None, "not valid JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise InputError(name, lineno, None, f"not a JSON object (found {_JSON_TYPES[type(obj)]})")
-    if _may_not_store(raw) and (problem := _storage_problem(obj)):
-        raise InputError(name, lineno, None, problem)
-    return obj
-
-
-def _may_not_store(raw: bytes) -> bool:
-    """Cheap pre-check: NUL and surrogates only arrive as backslash-u escapes; deep nesting needs brackets."""
-    return b"\\u" in raw or raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH
-
-
-class _BadConstant(ValueError):
-    pass
-
-
-def _reject_constant(token: str) -> Any:
-    raise _BadConstant(f"{token} is not a JSON number")  # Python's json takes NaN/Infinity; JSON does not
-
-
-def _finite_float(token: str) -> float:
-    value = float(token)
-    if not math.isfinite(value):  # 1e999: stored, it would become Infinity
-        raise _BadConstant("a number is out of range")
-    return value
-
-
-def _storage_problem(value: Any) -> str | None:
-    """Why a decoded line cannot be stored as JSON in SQL (NUL, lone surrogates, depth)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, str):
-            if "\x00" in node:
-                return "a string contains a NUL character (\\u0000), which cannot be stored"
-            if not node.isascii() and not _encodable(node):
-                return "a string contains an unpaired surrogate escape (\\ud800-\\udfff)"
-        elif isinstance(node, (dict, list)):
-            if depth > _MAX_DEPTH:
-                return f"JSON is nested more than {_MAX_DEPTH} levels deep"
-            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_openai(obj: dict[str, Any]) -> bool:
@@ -230,20 +115,20 @@ def _check_format(obj: dict[str, Any], fmt: Format, name: str, lineno: int, firs
 
 
 def _parse_openai(obj: dict[str, Any], lineno: int, job: _Job) -> ParsedItem:
-    line = _validate(OpenAILine, obj, job.name, lineno, "")
+    line = validate_as(OpenAILine, obj, job.name, lineno, "")
     if line.url not in SUPPORTED_URLS:
         hint = " (embedding lines take --task embed)" if line.url == "/v1/embeddings" else ""
         raise InputError(job.name, lineno, "url",
                          f"unsupported url {line.url!r}; supported: {', '.join(SUPPORTED_URLS)}{hint}")
     if line.url == CHAT_URL:
-        chat = _validate(ChatBody, line.body, job.name, lineno, "body")
+        chat = validate_as(ChatBody, line.body, job.name, lineno, "body")
         # "developer" is the newer name for "system"; engines' chat templates know only "system".
         messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.content)
                     for m in chat.messages]
         request = GenerationRequest(messages=messages, sampling=_sampling(job.defaults, chat))
         body: RequestBody = chat
     else:
-        completion = _validate(CompletionsBody, line.body, job.name, lineno, "body")
+        completion = validate_as(CompletionsBody, line.body, job.name, lineno, "body")
         request = GenerationRequest(prompt=completion.prompt, sampling=_sampling(job.defaults, completion))
         body = completion
     code, error = _runnable_error(body, job) or (None, None)
@@ -251,7 +136,7 @@ def _parse_openai(obj: dict[str, Any], lineno: int, job: _Job) -> ParsedItem:
 
 
 def _parse_simple(obj: dict[str, Any], lineno: int, job: _Job) -> ParsedItem:
-    line = _validate(SimpleLine, obj, job.name, lineno, "")
+    line = validate_as(SimpleLine, obj, job.name, lineno, "")
     custom_id = line.custom_id or line.id
     if custom_id is None:
         raise InputError(job.name, lineno, "custom_id",
@@ -276,36 +161,3 @@ def _runnable_error(body: RequestBody, job: _Job) -> tuple[ErrorCode, str] | Non
     if body.n is not None and body.n > 1:
         return ErrorCode.unsupported, f"n={body.n} is not supported: batch jobs return one choice per request"
     return None
-
-
-# --- validation errors ----------------------------------------------------------------------------
-
-
-def _validate(model: type[_M], data: Any, name: str, lineno: int, prefix: str) -> _M:
-    """`model` validated from `data`; the first error becomes an InputError naming its field path."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        raise InputError(name, lineno, _field_path(prefix, err["loc"]), _message(err)) from None
-
-
-def _field_path(prefix: str, loc: tuple[int | str, ...]) -> str | None:
-    """("messages", 1, "role") under "body" -> "body.messages[1].role"."""
-    path = prefix
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
-    return path or None
-
-
-def _message(err: ErrorDetails) -> str:
-    if err["type"] == "missing":
-        return "required field is missing"
-    ctx = err.get("ctx") or {}
-    msg = str(ctx["error"]) if err["type"] == "value_error" and "error" in ctx else err["msg"]
-    return f"{msg} (got {_short(err['input'])})"
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

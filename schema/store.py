@@ -87,8 +87,11 @@ def record_engine_batch(session: Session, batch_id: str, host: str, engine: str,
     return row.id
 
 
-def _insert(session: Session):  # type: ignore[no-untyped-def]
-    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+def insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key: str = "item_id") -> None:
+    """Insert rows, skipping those whose `key` exists: a repeat of the same chunk inserts nothing.
+    executemany, not one multi-row VALUES: its SQL is compiled and parsed once, not per chunk."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(table).on_conflict_do_nothing(index_elements=[key]), rows)
 
 
 def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, engine: str, model: str,
@@ -121,8 +124,7 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
         results = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
                     "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
                     "completion_tokens": o.completion_tokens, "created_at": finished} for o in succeeded]
-        # executemany, not one multi-row VALUES: its SQL is compiled and parsed once, not per chunk
-        session.execute(_insert(session)(Result).on_conflict_do_nothing(index_elements=["item_id"]), results)
+        insert_ignore(session, Result, results)
     failed = sum(1 for status in moved.values() if status == ItemStatus.failed)
     count(session, batch_id, succeeded=len(succeeded), failed=failed)
     return succeeded

@@ -8,9 +8,11 @@ of max_tokens mid-object, or its grammar is looser than the schema) fails that i
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
+from referencing.exceptions import Unresolvable
 
 from schema.errors import ErrorCode
 from schema.jobs import ResponseFormat
@@ -25,7 +27,34 @@ def check_json_schema(schema: Any) -> dict[str, Any]:
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         raise ValueError(f"not a valid JSON schema: {exc.message}" + (f" (at {where})" if where else "")) from None
+    for ref in _refs(schema):
+        if not ref.startswith("#") or not _resolves(schema, ref[1:]):
+            raise ValueError(f"$ref {ref!r} does not point inside the schema; only local references (#/...) work")
     return schema
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def _resolves(schema: dict[str, Any], pointer: str) -> bool:
+    """Whether a JSON pointer ("/$defs/address") names a part of the schema."""
+    node: Any = schema
+    for part in [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def check_answer(text: str, fmt: ResponseFormat) -> tuple[ErrorCode, str] | None:
@@ -38,8 +67,11 @@ def check_answer(text: str, fmt: ResponseFormat) -> tuple[ErrorCode, str] | None
         if not isinstance(value, dict):
             return ErrorCode.schema_mismatch, f"the answer is JSON but not an object; raw answer: {text}"
         return None
-    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(fmt.json_schema)(
-        fmt.json_schema).iter_errors(value))
+    validator = jsonschema.validators.validator_for(fmt.json_schema)(fmt.json_schema)
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except Unresolvable as exc:  # submission refuses such schemas; a batch stored before it did not
+        return ErrorCode.invalid_request, f"the schema cannot be applied: {exc}; raw answer: {text}"
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path) or "the top level"

@@ -49,7 +49,9 @@ def capacity(settings: Settings, model: str) -> int | None:
 
 
 def kinds_served(settings: Settings, model: str) -> set[str] | None:
-    """The task kinds the live workers of `model` serve together; None when none is live."""
+    """The task kinds the live workers of `model` serve together; None when none is live (or none has
+    said: a worker from before workers recorded their kinds has an empty list)."""
     with get_sessionmaker(settings.database_url)() as session:
-        rows = session.scalars(select(Worker.kinds).where(Worker.model == model, _live(settings))).all()
+        rows = [kinds for kinds in session.scalars(select(Worker.kinds).where(Worker.model == model, _live(settings)))
+                if kinds]
     return {kind for kinds in rows for kind in kinds} if rows else None

@@ -25,6 +25,7 @@ from tests.conftest import gristmill
 from worker import executor
 from worker.engine_loop import EngineLoop
 from worker.engines import load_engine
+from worker.engines.base import EMBED
 from worker.kinds import served_kinds
 from worker.runtime import Runtime
 
@@ -46,7 +47,7 @@ def cosine(a: list[float], b: list[float]) -> float:
 @pytest.fixture(scope="module")
 def engines() -> Iterator[dict[str, tuple[Any, EngineLoop]]]:
     loaded = {"transformers": load_engine("smollm2-135m-instruct", "transformers"),
-              "vllm": load_engine("smollm2-135m-instruct", "vllm", task="embed")}
+              "vllm": load_engine("smollm2-135m-instruct", "vllm", needs=frozenset({EMBED}))}
     loops = {name: (engine, EngineLoop(engine)) for name, engine in loaded.items()}
     yield loops
     for engine, loop in loops.values():

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from producer import api
 from schema.db import get_sessionmaker
+from schema.errors import InputError
 from schema.jobs import SamplingParams
 from schema.outputs import OutputLine
 from schema.queue import Queue
@@ -119,20 +120,46 @@ def test_unfollowable_answers_fail_alone(sqlite_url: str, settings_for, tmp_path
                          "max_tokens": max_tokens, "response_format": fmt}}
 
     person = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    # lm-format-enforcer cannot enforce a pattern with a length; vLLM's grammar can
+    coded = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$", "minLength": 2}},
+             "required": ["code"]}
     batch = write_lines(tmp_path / "in.jsonl", [
         line("object", {"type": "json_object"}, text='the object {"ok": true}'),
         line("person", person, max_tokens=96),
         line("impossible", {"type": "json_schema", "json_schema": {"name": "n", "schema": impossible}}),
         line("cut", person, max_tokens=4),
+        line("pattern", {"type": "json_schema", "json_schema": {"name": "code", "schema": coded}}, max_tokens=24),
     ])
     handle = api.submit(batch, settings=settings)
     items = run_batch(settings, handle, engine)
-    assert {c: i.error_code for c, i in items.items()} == {
-        "object": None, "person": None, "impossible": "schema_mismatch", "cut": "invalid_json"}
+    codes = {c: i.error_code for c, i in items.items()}
+    assert codes.pop("pattern") in (None, "schema_mismatch", "unsupported")  # it fails alone, if at all
+    assert codes == {"object": None, "person": None, "impossible": "schema_mismatch", "cut": "invalid_json"}
+    assert engine[1].alive  # no request's schema stopped the engine
     assert "raw answer: " in (items["cut"].last_error or "")
     found = answers(handle)
     assert isinstance(found["object"], dict)
     jsonschema.validate(found["person"], PERSON)
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"type": "array", "items": {"type": "string"}}, 'top level needs "type": "object"'),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "does not point inside the schema"),
+    ({"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}, "only local references"),
+])
+def test_unusable_schemas_are_refused(schema: dict[str, Any], message: str, sqlite_url: str, settings_for,  # type: ignore[no-untyped-def]
+                                      tmp_path: Path) -> None:
+    docs = write_lines(tmp_path / "people.jsonl", [{"id": "a", "text": "x"}])
+    with pytest.raises(InputError, match=message):
+        api.submit(docs, settings=settings_for(sqlite_url), task="extract", json_schema=schema)
+    assert api.list_batches(settings=settings_for(sqlite_url)) == []
+
+
+def test_extraction_takes_simple_lines(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lines = write_lines(tmp_path / "in.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                                  "body": {"messages": [{"role": "user", "content": "x"}]}}])
+    with pytest.raises(InputError, match="send OpenAI lines with a response_format with --task generate"):
+        api.submit(lines, settings=settings_for(sqlite_url), task="extract", json_schema=PERSON)
 
 
 def test_extract_from_the_cli(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

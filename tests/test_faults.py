@@ -209,14 +209,17 @@ def assert_consistent(settings: Settings, batch_id: str) -> dict[str, int]:
 
 
 def test_worker_killed_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    first = workers.start()
+    """SIGKILL a worker holding chunks (the HoldingEngine keeps them running: the subject is delivery,
+    not inference); a new worker finishes the batch, running the killed worker's items again."""
+    close_gate(fault_settings)
+    first = workers.start(HOLDING)
     handle = submit(fault_settings, docs(tmp_path))
-    wait_until(lambda: results(fault_settings) >= 8 and bool(running_ids(fault_settings, handle.id)), 240,
-               "no results with items still running", workers)
+    wait_until(lambda: len(running_ids(fault_settings, handle.id)) == 16, 120, "two chunks not running", workers)
     workers.kill(first)
     held = running_ids(fault_settings, handle.id)  # as the dead worker left them: no other worker runs
-    assert held, "the worker held no item when it was killed"
-    workers.start()
+    assert len(held) == 16, "the worker held no item when it was killed"
+    open_gate(fault_settings)
+    workers.start(HOLDING)
     info = handle.wait(timeout=300)
     assert info.status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {"succeeded": 48}
@@ -224,16 +227,20 @@ def test_worker_killed_mid_batch(fault_settings: Settings, workers: Workers, tmp
 
 
 def test_two_workers_one_killed(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    doomed = workers.start()
-    wait_until(lambda: registered(fault_settings, doomed), 240, "the first worker did not start", workers)
-    workers.start()
+    """Two workers hold chunks; one is SIGKILLed; the survivor finishes the batch, the dead one's items too."""
+    close_gate(fault_settings)
+    doomed = workers.start(HOLDING)
+    wait_until(lambda: registered(fault_settings, doomed), 120, "the first worker did not start", workers)
+    survivor = workers.start(HOLDING)
+    wait_until(lambda: registered(fault_settings, survivor), 120, "the second worker did not start", workers)
     handle = submit(fault_settings, docs(tmp_path, 64))
-    wait_until(lambda: results(fault_settings) >= 8
-               and bool(running_ids(fault_settings, handle.id, worker_name(doomed))), 240,
-               "the first worker ran nothing while results came in", workers)
+    wait_until(lambda: len(running_ids(fault_settings, handle.id, worker_name(doomed))) == 16
+               and len(running_ids(fault_settings, handle.id, worker_name(survivor))) == 16, 120,
+               "both workers did not hold two chunks", workers)
     workers.kill(doomed)
     held = running_ids(fault_settings, handle.id, worker_name(doomed))
-    assert held, "the killed worker held no item"
+    assert len(held) == 16, "the killed worker held no item"
+    open_gate(fault_settings)
     assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {"succeeded": 64}
     assert_ran_again(fault_settings, handle.id, held)
@@ -242,18 +249,21 @@ def test_two_workers_one_killed(fault_settings: Settings, workers: Workers, tmp_
 def test_sigterm_ends_in_flight_chunks_once(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
     """SIGTERM mid-batch: the worker takes no new chunk, ends those it runs (each item once, results
     in SQL), exits 0; the chunks it never started wait for the next worker, which finishes the batch."""
-    worker = workers.start()
+    close_gate(fault_settings)
+    worker = workers.start(HOLDING)
     handle = submit(fault_settings, docs(tmp_path, n=64), max_tokens=16)
-    wait_until(lambda: bool(running_ids(fault_settings, handle.id)), 300, "no chunk running", workers)
+    wait_until(lambda: len(running_ids(fault_settings, handle.id)) == 16, 120, "two chunks not running", workers)
     held = running_ids(fault_settings, handle.id)
     worker.send_signal(signal.SIGTERM)
+    time.sleep(2)  # the warm shutdown has begun: no chunk may start from here on
+    open_gate(fault_settings)
     assert worker.wait(timeout=180) == 0, workers.logs()
     with get_sessionmaker(fault_settings.database_url)() as session:
         after_stop = dict(session.execute(select(Item.id, Item.status).where(Item.batch_id == handle.id)).all())
     assert ItemStatus.running not in after_stop.values(), "a chunk was left running"
     assert {after_stop[i] for i in held} == {ItemStatus.succeeded}, "the chunks in flight did not finish"
     assert ItemStatus.queued in after_stop.values(), "the worker kept taking chunks after SIGTERM"
-    workers.start()
+    workers.start(HOLDING)
     assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {ItemStatus.succeeded: 64}
     ran = {i for i, status in after_stop.items() if status == ItemStatus.succeeded}
@@ -320,9 +330,10 @@ def test_redis_restart(appendonly: bool, pg_url: str, settings_for, tmp_path: Pa
     settings = settings_for(pg_url, server.url, **FAST_RECOVERY)
     group = Workers(settings, tmp_path)
     try:
-        group.start()
+        close_gate(settings)
+        group.start(HOLDING)
         handle = submit(settings, docs(tmp_path, 160))  # 20 chunks: most still wait in Redis at the restart
-        wait_until(lambda: results(settings) >= 8, 240, "no results", group)
+        wait_until(lambda: len(running_ids(settings, handle.id)) == 16, 120, "two chunks not running", group)
         broker = redis.Redis.from_url(server.url)
         waiting = broker.llen(queue_for(settings.model, "generate"))
         server.stop()
@@ -331,6 +342,7 @@ def test_redis_restart(appendonly: bool, pg_url: str, settings_for, tmp_path: Pa
         server.start()
         kept = broker.llen(queue_for(settings.model, "generate"))  # before any worker could requeue (grace 3 s)
         assert (kept > 0) == appendonly, (waiting, kept)
+        open_gate(settings)
         assert handle.wait(timeout=300).status == BatchStatus.completed, group.logs()
     finally:
         group.stop_all()
@@ -472,7 +484,7 @@ class _Exploit:
 
 def test_pickled_message_is_refused(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
     marker = tmp_path / "unpickled"
-    workers.start()
+    workers.start(HOLDING)
     handle = submit(fault_settings, docs(tmp_path, 8))
     assert handle.wait(timeout=240).status == BatchStatus.completed
     with Queue(fault_settings).connection() as conn, conn.Producer() as producer:

@@ -17,7 +17,13 @@ QUESTIONS = REPO / "examples" / "questions.jsonl"
 
 
 def read_output(path: Path) -> list[OutputLine]:
-    return [OutputLine.model_validate_json(line) for line in path.read_text().splitlines()]
+    """Every line, checked against vLLM's own run-batch output model too."""
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
+
+    lines = path.read_text().splitlines()
+    for line in lines:
+        BatchRequestOutput.model_validate_json(line)
+    return [OutputLine.model_validate_json(line) for line in lines]
 
 
 @pytest.mark.parametrize("engine", ["vllm", "transformers"])

@@ -1,1 +1,2 @@
-"""Everything that executes: Celery app, tasks, engines, result store, model preparation."""
+"""Everything that executes: the worker process, the chunk task, task kinds' execution, engines, model
+preparation, the reconciler."""

@@ -154,10 +154,14 @@ class EngineLoop:
         assert self._generator is not None
         try:
             finished = self._generator.step()
-        except EngineError as exc:  # the engine refused this step but lives on: fail what was in it
-            log.warning("engine step failed: %s", exc)
+        except Exception as exc:
+            if not isinstance(exc, EngineError) and not self.engine.healthy():
+                raise  # the engine died: _drive fails everything and stops
+            # This step failed but the engine lives on: fail what was in it (its chunks go back to the
+            # queue and are split until a request that breaks the engine fails alone).
+            log.warning("engine step failed: %s: %s", type(exc).__name__, exc)
             self._generator.abort(list(self._owners))
-            self._fail_owners(exc)
+            self._fail_owners(exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}"))
             return
         for key, result in finished:
             owner = self._owners.pop(key, None)

@@ -123,7 +123,7 @@ def ids_in_broker(settings: Settings, queues: set[str]) -> set[int]:
         messages = [p.read_bytes() for p in Path(folder).glob("*.msg")] if folder.exists() else []
     else:
         client = redis.Redis.from_url(settings.broker_url)
-        messages = [m for q in queues for m in client.lrange(q, 0, -1)]
+        messages = [m for q in queues for m in client.lrange(q, 0, -1)]  # type: ignore[misc]
         messages += [json.dumps(json.loads(v)[0]).encode() for v in client.hvals("unacked")]
     ids: set[int] = set()
     for raw in messages:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from schema.db import get_sessionmaker, upgrade
+from schema.db import get_sessionmaker, prepare_schema
 from schema.errors import EngineError
 from schema.queue import FALLBACK_CHUNK_SIZE, Queue, fitting_chunk_size, make_app
 from schema.settings import Settings
@@ -47,13 +47,14 @@ _current: Runtime | None = None
 
 
 def start(settings: Settings, model: str | None = None, engine: str | None = None,
-          on_engine_failure: Callable[[], None] | None = None, task: str | None = None) -> Runtime:
-    """Prepare the database and load the engine; every task in this process then uses them."""
+          on_engine_failure: Callable[[], None] | None = None, needs: frozenset[str] | None = None) -> Runtime:
+    """Prepare the database and load the engine (with the capabilities `needs` names, where the engine
+    has variants); every task in this process then uses them."""
     global _current
-    upgrade(settings.database_url)
+    prepare_schema(settings.database_url)
     model = model or settings.model
     began = time.perf_counter()
-    loaded = load_engine(model, engine or settings.engine, settings, task)
+    loaded = load_engine(model, engine or settings.engine, settings, needs)
     started_s = time.perf_counter() - began
     _current = Runtime(settings=settings, engine=loaded, loop=EngineLoop(loaded, on_engine_failure),
                        queue=Queue(settings, make_app(settings, model)), engine_start_s=started_s)

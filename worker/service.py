@@ -14,7 +14,7 @@ from schema.errors import EngineError
 from schema.queue import Queue, queue_for
 from schema.settings import Settings
 from worker import runtime, tasks
-from worker.kinds import served_kinds
+from worker.kinds import RUNNERS, served_kinds
 from worker.reconciler import reconcile
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,13 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     engine loop so it never drains between chunks.
     """
     model = model or settings.model
-    rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down, task=task)
+    needs = RUNNERS[task].needs[0] if task else None  # the engine variant for this task, where it matters
+    rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down, needs=needs)
     kinds = served_kinds(rt.engine)
+    if not kinds:
+        runtime.stop()
+        raise EngineError(f"the {rt.engine.name} engine serves no task kind (capabilities: "
+                          f"{', '.join(sorted(rt.engine.capabilities)) or 'none'})")
     log.info("engine %s loaded %s in %.1f s; it runs %d sequences at once; %d chunks in flight; serves %s",
              rt.engine.name, model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks, ", ".join(kinds))
     app = rt.queue.app

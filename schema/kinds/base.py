@@ -18,8 +18,8 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from schema.errors import ErrorCode, InputError
-from schema.inputs import ParsedItem
 from schema.kinds.flags import FileFlags
+from schema.reading import ParsedItem
 from schema.states import ItemStatus
 from schema.tables import Batch
 

@@ -18,13 +18,13 @@ from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from schema.errors import InputError
-from schema.inputs import ParsedItem, _decode, _read_lines, _validate  # the generation parser's reading rules
 from schema.kinds.base import ERROR_CODES, Kind, Limits, error_code
 from schema.kinds.flags import FileFlags
 from schema.labels import check_labels, load_labels_file
 from schema.lines import CustomId
 from schema.models import model_head_labels
 from schema.outputs import ErrorRecord
+from schema.reading import ParsedItem, read_items, validate_as
 from schema.states import ItemStatus
 from schema.tables import Batch, Item
 from schema.tables import Classification as ClassificationRow
@@ -113,22 +113,8 @@ def parse_classify_stream(stream: BinaryIO, name: str, spec: ClassifySpec, *, ma
     `head_labels`: the labels of a classification-head model, when the model is one; lines may then
     omit labels, and labels they give must be the model's.
     """
-    items: list[ParsedItem] = []
-    first: dict[str, int] = {}  # custom_id -> line it first appeared on
-    for lineno, raw in _read_lines(stream, name, max_line_bytes):
-        if not raw.strip():
-            continue
-        if len(items) == max_items:
-            raise InputError(name, lineno, None, f"file has more than {max_items} requests; the limit is {max_items}")
-        item = _item(_decode(raw, name, lineno), lineno, name, spec, head_labels)
-        seen = first.setdefault(item.custom_id, lineno)
-        if seen != lineno:
-            raise InputError(name, lineno, "custom_id", f"duplicate custom_id {item.custom_id!r}; first used on "
-                                                        f"line {seen}")
-        items.append(item)
-    if not items:
-        raise InputError(name, None, None, "file has no requests")
-    return items
+    return read_items(stream, name, max_line_bytes, max_items,
+                      lambda obj, lineno: _item(obj, lineno, name, spec, head_labels))
 
 
 def _item(obj: dict[str, Any], lineno: int, name: str, spec: ClassifySpec,
@@ -136,7 +122,7 @@ def _item(obj: dict[str, Any], lineno: int, name: str, spec: ClassifySpec,
     if "body" in obj or ("url" in obj and "text" not in obj):
         raise InputError(name, lineno, None, "classification lines are {\"custom_id\" or \"id\", \"text\", "
                                              "\"labels\" (optional)}, not OpenAI batch requests")
-    line = _validate(ClassifyLine, obj, name, lineno, "")
+    line = validate_as(ClassifyLine, obj, name, lineno, "")
     custom_id = line.custom_id or line.id
     if custom_id is None:
         raise InputError(name, lineno, "custom_id", "required field is missing (give 'custom_id' or 'id')")
@@ -222,7 +208,7 @@ class Classify(Kind):
     def csv_columns(self, session: Session, batch: Batch) -> list[str]:
         """A probability column per label, in order of first appearance: the batch's, then lines' own."""
         params = batch.params or {}
-        params = params.get("classify", params)  # batches stored before task kinds nested their spec
+        params = params.get("classify", params)  # batches stored before task kinds kept it under "classify"
         labels: dict[str, None] = dict.fromkeys(params.get("labels") or [])
         stmt = select(ClassificationRow.probabilities).where(ClassificationRow.batch_id == batch.id)
         for (probabilities,) in session.execute(stmt.execution_options(yield_per=5000)):

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 
 from schema.db import epoch
 from schema.errors import ErrorCode, InputError
-from schema.inputs import ParsedItem, _decode, _read_lines, _validate  # the generation parser's reading rules
 from schema.kinds.base import Kind, Limits, error_code
 from schema.lines import CustomId, OpenAILine, SimpleLine
 from schema.outputs import ErrorRecord
+from schema.reading import ParsedItem, read_items, validate_as
 from schema.states import ItemStatus
 from schema.tables import Batch, Embedding, Item, Result
 
@@ -114,26 +114,15 @@ class Embed(Kind):
     summary = "a vector per text (OpenAI /v1/embeddings lines, or simple {custom_id|id, text})"
 
     def parse(self, stream: BinaryIO, name: str, spec: EmbedSpec, limits: Limits) -> list[ParsedItem]:
-        items: list[ParsedItem] = []
-        first: dict[str, int] = {}
-        openai: bool | None = None
-        for lineno, raw in _read_lines(stream, name, limits.max_line_bytes):
-            if not raw.strip():
-                continue
-            if len(items) == limits.max_items:
-                raise InputError(name, lineno, None, f"file has more than {limits.max_items} requests; the "
-                                                     f"limit is {limits.max_items}")
-            obj = _decode(raw, name, lineno)
-            openai = ("body" in obj or "url" in obj) if openai is None else openai
-            item = _openai_item(obj, lineno, name, spec, limits) if openai else _simple_item(obj, lineno, name, spec)
-            seen = first.setdefault(item.custom_id, lineno)
-            if seen != lineno:
-                raise InputError(name, lineno, "custom_id", f"duplicate custom_id {item.custom_id!r}; first used "
-                                                            f"on line {seen}")
-            items.append(item)
-        if not items:
-            raise InputError(name, None, None, "file has no requests")
-        return items
+        openai: list[bool] = []  # the first line's format is the file's
+
+        def make_item(obj: dict[str, Any], lineno: int) -> ParsedItem:
+            if not openai:
+                openai.append("body" in obj or "url" in obj)
+            return _openai_item(obj, lineno, name, spec, limits) if openai[0] else _simple_item(obj, lineno, name,
+                                                                                                 spec)
+
+        return read_items(stream, name, limits.max_line_bytes, limits.max_items, make_item)
 
     def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
         stmt = (
@@ -178,11 +167,11 @@ class Embed(Kind):
 
 
 def _openai_item(obj: dict[str, Any], lineno: int, name: str, spec: EmbedSpec, limits: Limits) -> ParsedItem:
-    line = _validate(OpenAILine, obj, name, lineno, "")
+    line = validate_as(OpenAILine, obj, name, lineno, "")
     if line.url != EMBEDDINGS_URL:
         raise InputError(name, lineno, "url", f"url {line.url!r} in an embedding batch; it takes {EMBEDDINGS_URL} "
                                               f"(send chat and completion lines with --task generate)")
-    body = _validate(EmbeddingBody, line.body, name, lineno, "body")
+    body = validate_as(EmbeddingBody, line.body, name, lineno, "body")
     texts = [body.input] if isinstance(body.input, str) else body.input
     request = EmbedRequest(input=texts, encoding_format=body.encoding_format or spec.encoding_format,
                            dimensions=body.dimensions or spec.dimensions)
@@ -196,7 +185,7 @@ def _openai_item(obj: dict[str, Any], lineno: int, name: str, spec: EmbedSpec, l
 def _simple_item(obj: dict[str, Any], lineno: int, name: str, spec: EmbedSpec) -> ParsedItem:
     if "body" in obj or "url" in obj:
         raise InputError(name, lineno, None, "an OpenAI batch line in a file of simple lines; use one format")
-    line = _validate(SimpleLine, obj, name, lineno, "")
+    line = validate_as(SimpleLine, obj, name, lineno, "")
     custom_id: CustomId | None = line.custom_id or line.id
     if custom_id is None:
         raise InputError(name, lineno, "custom_id", "required field is missing (give 'custom_id' or 'id')")

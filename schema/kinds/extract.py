@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
+from schema.errors import InputError
 from schema.inputs import ParsedItem, parse_input_stream
 from schema.jobs import ResponseFormat, SamplingParams
 from schema.kinds import generate
@@ -40,7 +41,10 @@ class ExtractSpec(BaseModel):
     @field_validator("json_schema")
     @classmethod
     def _is_a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_json_schema(value)
+        check_json_schema(value)
+        if value.get("type") != "object":
+            raise ValueError('an extraction schema describes an object: its top level needs "type": "object"')
+        return value
 
     def system_prompt(self) -> str:
         schema = json.dumps(self.json_schema, ensure_ascii=False)
@@ -58,9 +62,13 @@ class Extract(Kind):
     def parse(self, stream: BinaryIO, name: str, spec: ExtractSpec, limits: Limits) -> list[ParsedItem]:
         fmt = ResponseFormat(type="json_schema", json_schema=spec.json_schema, name="extraction")
         sampling = spec.sampling.model_copy(update={"response_format": fmt})
-        return parse_input_stream(stream, name, defaults=sampling, served_model=limits.model,
-                                  max_line_bytes=limits.max_line_bytes, max_items=limits.max_items,
-                                  system_prompt=spec.system_prompt())
+        items = parse_input_stream(stream, name, defaults=sampling, served_model=limits.model,
+                                   max_line_bytes=limits.max_line_bytes, max_items=limits.max_items,
+                                   system_prompt=spec.system_prompt())
+        if "text" not in items[0].body:  # an OpenAI line: its body carries a request of its own
+            raise InputError(name, items[0].line, None, "extraction takes simple lines {custom_id|id, text}; send "
+                                                        "OpenAI lines with a response_format with --task generate")
+        return items
 
     def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
         return generate.KIND.rows(session, batch)

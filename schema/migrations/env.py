@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, pool
 
 from schema.tables import Base
 
-url = context.config.attributes.get("connection_url") or context.config.get_main_option("sqlalchemy.url")
+url = str(context.config.attributes.get("connection_url") or context.config.get_main_option("sqlalchemy.url"))
 
 
 def run() -> None:

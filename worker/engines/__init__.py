@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.settings import Settings, get_settings
-from worker.engines.base import Engine, Generator
+from worker.engines.base import EMBED, Engine, Generator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -54,15 +54,16 @@ def _vllm_imports() -> bool:
 
 
 def load_engine(model: str, engine: str = "auto", settings: Settings | None = None,
-                task: str | None = None) -> Engine:
+                needs: frozenset[str] | None = None) -> Engine:
     """Load `model` (registry name, HF folder or .gguf path) into the chosen engine; slow, do it once.
-    `task="embed"` on vLLM loads its pooling runner (vLLM runs a model either to generate or to pool)."""
+    `needs`: the capabilities asked for, where an engine has variants: vLLM embeds with its pooling
+    runner, which does nothing else (vLLM runs a model either to generate or to pool)."""
     settings = settings or get_settings()
     chosen = pick_engine(engine)
     try:
         if chosen in ENGINES and _is_head(model):  # a sequence-classification model: a classifier
             return _load_head(model, chosen, settings)
-        if chosen == "vllm" and task == "embed":
+        if chosen == "vllm" and needs == {EMBED}:
             from worker.engines.vllm_embed import VLLMEmbedEngine
 
             return VLLMEmbedEngine(model, settings=settings)

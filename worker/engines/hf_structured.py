@@ -12,10 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from lmformatenforcer import JsonSchemaParser
+from lmformatenforcer.exceptions import LMFormatEnforcerException as UnsupportedSchema
 from lmformatenforcer.tokenenforcer import TokenEnforcer, TokenEnforcerTokenizerData
 from transformers import PreTrainedTokenizerBase
 
 from schema.jobs import ResponseFormat
+
+__all__ = ["UnsupportedSchema", "allowed_tokens_fn", "tokenizer_data"]
 
 
 def tokenizer_data(tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> TokenEnforcerTokenizerData:

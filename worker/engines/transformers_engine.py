@@ -214,8 +214,12 @@ class TransformersEngine:
         inputs = self._tokenizer.pad({"input_ids": [item.ids for item in items]}, return_tensors="pt")
         inputs = inputs.to(self.device)
         model: Any = self._require_model()  # mypy resolves `generate` through nn.Module.__getattr__
-        with torch.inference_mode():
-            output = model.generate(**inputs, **self._generate_kwargs(sampling))
+        try:
+            with torch.inference_mode():
+                output = model.generate(**inputs, **self._generate_kwargs(sampling))
+        except hf_structured.UnsupportedSchema as exc:  # the schema, not the engine: these items fail alone
+            return [failed_result(f"the JSON schema uses what constrained decoding cannot enforce: {exc}",
+                                  len(item.ids), ErrorCode.unsupported) for item in items]
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         return [self._result(item, tokens, sampling) for item, tokens in zip(items, new_tokens)]
 

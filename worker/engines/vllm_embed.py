@@ -25,14 +25,16 @@ class VLLMEmbedEngine(VLLMEngine):
     capabilities: ClassVar[frozenset[str]] = frozenset({EMBED})
 
     def __init__(self, model: str, *, settings: Settings | None = None, max_model_len: int | None = None) -> None:
-        from vllm.config import PoolerConfig
-
         settings = settings or get_settings()
         folder = prepare_for_vllm(resolve_model(model), settings.cache_dir)
         self.pooling, self.matryoshka = pooling_of(folder), is_matryoshka(folder)
-        self.runner_options = {"runner": "pooling", "convert": "embed",  # type: ignore[misc]
-                               "pooler_config": PoolerConfig(pooling_type=self.pooling, use_activation=True)}
         super().__init__(model, settings=settings, max_model_len=max_model_len)
+
+    def variant_options(self) -> dict[str, Any]:
+        from vllm.config import PoolerConfig
+
+        return {"runner": "pooling", "convert": "embed",
+                "pooler_config": PoolerConfig(pooling_type=self.pooling, use_activation=True)}
 
     def embed(self, texts: list[str]) -> list[Embedded]:
         """The pooled, normalised embedding of each text; a text longer than the context fails alone."""

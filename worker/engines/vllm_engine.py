@@ -141,12 +141,16 @@ class VLLMEngine:
             # prefix cache. At 32 the shared instruction prefix and a label-scoring prompt's earlier
             # requests are reused; measured here: label scoring 2.5-2.8x, generation 1.1x the docs/s.
             options["block_size"] = CPU_BLOCK_SIZE
-        options.update(self.runner_options)
+        options.update(self.variant_options())
         options.update(self._vllm_options)  # GRISTMILL_VLLM_OPTIONS, last
         try:
             return vllm.LLM(model=folder, tokenizer=folder, **options)
         except (RuntimeError, ValueError, OSError) as exc:
             raise EngineError(f"vLLM failed to start with model '{self.model_name}': {exc}") from exc
+
+    def variant_options(self) -> dict[str, Any]:
+        """vllm.LLM options of a variant of this engine (worker.engines.vllm_head, vllm_embed)."""
+        return dict(self.runner_options)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run a list of requests to completion (the engine loop does the same across chunks)."""
@@ -168,7 +172,9 @@ class VLLMEngine:
         key = str(next(self._keys))
         try:
             llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=runnable[0][1]), params)
-        except (RuntimeError, ValueError, VLLMClientError) as exc:
+        except RuntimeError as exc:  # the engine, not the request
+            raise EngineError(f"vLLM could not take a request: {exc}") from exc
+        except (ValueError, VLLMClientError) as exc:
             # A response_format whose schema no grammar can satisfy (minimum above maximum) is refused here.
             code = ErrorCode.schema_mismatch if params.structured_outputs else ErrorCode.invalid_request
             return failed_result(f"vLLM refused the request: {exc}", code=code)

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from schema import store
@@ -236,8 +234,7 @@ class Classify(Runner):
                  **o.classification.model_dump(), "created_at": finished}
                 for o in succeeded if isinstance(o, ClassifyOutcome) and o.classification and o.error is None]
         if rows:
-            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-            session.execute(insert(ClassificationRow).on_conflict_do_nothing(index_elements=["item_id"]), rows)
+            store.insert_ignore(session, ClassificationRow, rows)
 
 
 def _text(result: Classification | None) -> str:

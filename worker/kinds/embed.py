@@ -8,8 +8,6 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from schema import store
@@ -49,8 +47,7 @@ class Embed(Runner):
                  "created_at": finished}
                 for o in succeeded if isinstance(o, EmbedOutcome) and o.vectors]
         if rows:
-            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-            session.execute(insert(Embedding).on_conflict_do_nothing(index_elements=["item_id"]), rows)
+            store.insert_ignore(session, Embedding, rows)
 
 
 def _outcome(item: store.Claimed, request: EmbedRequest, embedded: list[Embedded], matryoshka: bool) -> EmbedOutcome:
