@@ -46,6 +46,11 @@ HOLDING = "tests.fault_engine:HoldingEngine"
 # engine made about 11 tokens/s there) and keeps recovery within a minute.
 FAST_RECOVERY = {"chunk_size": 8, "inflight_chunks": 2, "chunk_time_limit_s": 60, "visibility_timeout_s": 120,
                  "reconcile_interval_s": 2, "requeue_grace_s": 3, "max_attempts": 2}
+# With the HoldingEngine nothing is slow but the wait for a killed worker's leases: 15 s of them.
+HOLDING_RECOVERY = {**FAST_RECOVERY, "chunk_time_limit_s": 15}
+# A killed worker's chunks must come back through their expired leases (the reconciler), well before
+# Redis would redeliver its unacknowledged messages (the visibility timeout, 120 s).
+BEFORE_REDELIVERY = 90
 
 
 class Workers:
@@ -208,9 +213,12 @@ def assert_consistent(settings: Settings, batch_id: str) -> dict[str, int]:
     return dict(statuses)
 
 
-def test_worker_killed_mid_batch(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
+def test_worker_killed_mid_batch(pg_url: str, redis_url: str, settings_for, workers_on,  # type: ignore[no-untyped-def]
+                                 tmp_path: Path) -> None:
     """SIGKILL a worker holding chunks (the HoldingEngine keeps them running: the subject is delivery,
     not inference); a new worker finishes the batch, running the killed worker's items again."""
+    fault_settings = settings_for(pg_url, redis_url, **HOLDING_RECOVERY)
+    workers = workers_on(fault_settings)
     close_gate(fault_settings)
     first = workers.start(HOLDING)
     handle = submit(fault_settings, docs(tmp_path))
@@ -220,14 +228,17 @@ def test_worker_killed_mid_batch(fault_settings: Settings, workers: Workers, tmp
     assert len(held) == 16, "the worker held no item when it was killed"
     open_gate(fault_settings)
     workers.start(HOLDING)
-    info = handle.wait(timeout=300)
+    info = handle.wait(timeout=BEFORE_REDELIVERY)
     assert info.status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {"succeeded": 48}
     assert_ran_again(fault_settings, handle.id, held)
 
 
-def test_two_workers_one_killed(fault_settings: Settings, workers: Workers, tmp_path: Path) -> None:
+def test_two_workers_one_killed(pg_url: str, redis_url: str, settings_for, workers_on,  # type: ignore[no-untyped-def]
+                                tmp_path: Path) -> None:
     """Two workers hold chunks; one is SIGKILLed; the survivor finishes the batch, the dead one's items too."""
+    fault_settings = settings_for(pg_url, redis_url, **HOLDING_RECOVERY)
+    workers = workers_on(fault_settings)
     close_gate(fault_settings)
     doomed = workers.start(HOLDING)
     wait_until(lambda: registered(fault_settings, doomed), 120, "the first worker did not start", workers)
@@ -241,7 +252,7 @@ def test_two_workers_one_killed(fault_settings: Settings, workers: Workers, tmp_
     held = running_ids(fault_settings, handle.id, worker_name(doomed))
     assert len(held) == 16, "the killed worker held no item"
     open_gate(fault_settings)
-    assert handle.wait(timeout=300).status == BatchStatus.completed, workers.logs()
+    assert handle.wait(timeout=BEFORE_REDELIVERY).status == BatchStatus.completed, workers.logs()
     assert assert_consistent(fault_settings, handle.id) == {"succeeded": 64}
     assert_ran_again(fault_settings, handle.id, held)
 
