@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from schema.tables import Batch, Classification, Item, Result
 from tests.conftest import gristmill
 from worker import executor
 from worker.engine_loop import EngineLoop
-from worker.engines import load_engine
 from worker.kinds import calibration
 from worker.runtime import Runtime
 
@@ -159,13 +157,9 @@ def test_bad_labels_are_refused_before_anything_is_stored(flags: list[str], mess
 # --- storage on SQLite and PostgreSQL, through the API and the executor ---------------------
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[tuple[object, EngineLoop]]:
-    loaded = load_engine("smollm2-135m-instruct", "transformers")
-    loop = EngineLoop(loaded)
-    yield loaded, loop
-    loop.close()
-    loaded.close()
+@pytest.fixture
+def engine(transformers_loop: tuple[object, EngineLoop]) -> tuple[object, EngineLoop]:
+    return transformers_loop
 
 
 def test_classifications_are_stored_once_and_exported(db_url: str, settings_for, tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ QUESTIONS = REPO / "examples" / "questions.jsonl"
 
 
 def start_worker(settings, tmp_path: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    log = open(tmp_path / "worker.log", "wb")
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115  # the worker's stdout
     return subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--engine", "vllm"],
                             env=cli_env(settings), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
 

@@ -45,14 +45,18 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def engines() -> Iterator[dict[str, tuple[Any, EngineLoop]]]:
-    loaded = {"transformers": load_engine("smollm2-135m-instruct", "transformers"),
-              "vllm": load_engine("smollm2-135m-instruct", "vllm", needs=frozenset({EMBED}))}
-    loops = {name: (engine, EngineLoop(engine)) for name, engine in loaded.items()}
-    yield loops
-    for engine, loop in loops.values():
-        loop.close()
-        engine.close()
+def vllm_embed_loop() -> Iterator[tuple[Any, EngineLoop]]:
+    engine = load_engine("smollm2-135m-instruct", "vllm", needs=frozenset({EMBED}))  # a pooling engine of its own
+    loop = EngineLoop(engine)
+    yield engine, loop
+    loop.close()
+    engine.close()
+
+
+@pytest.fixture
+def engines(transformers_loop: tuple[Any, EngineLoop],
+            vllm_embed_loop: tuple[Any, EngineLoop]) -> dict[str, tuple[Any, EngineLoop]]:
+    return {"transformers": transformers_loop, "vllm": vllm_embed_loop}
 
 
 def test_engines_agree_and_similar_texts_are_close(engines: dict[str, tuple[Any, EngineLoop]]) -> None:

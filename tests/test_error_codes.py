@@ -4,7 +4,6 @@ error line's code; a deterministic failure fails its item at once, on the first 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +18,14 @@ from schema.states import BatchStatus, ItemStatus
 from schema.tables import Item
 from worker import executor
 from worker.engine_loop import EngineLoop
-from worker.engines import load_engine
 from worker.runtime import Runtime
 
 CHAT = "/v1/chat/completions"
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[tuple[Any, EngineLoop]]:
-    loaded = load_engine("smollm2-135m-instruct", "transformers")
-    loop = EngineLoop(loaded)
-    yield loaded, loop
-    loop.close()
-    loaded.close()
+@pytest.fixture
+def engine(transformers_loop: tuple[Any, EngineLoop]) -> tuple[Any, EngineLoop]:
+    return transformers_loop
 
 
 def line(custom_id: str, content: str, **body: Any) -> str:

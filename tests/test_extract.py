@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from schema.tables import Item
 from tests.conftest import gristmill
 from worker import executor
 from worker.engine_loop import EngineLoop
-from worker.engines import load_engine
 from worker.runtime import Runtime
 
 PERSON = {
@@ -48,13 +46,9 @@ TEXTS = {
 }
 
 
-@pytest.fixture(scope="module", params=["transformers", "vllm"])
-def engine(request: pytest.FixtureRequest) -> Iterator[tuple[Any, EngineLoop]]:
-    loaded = load_engine("smollm2-135m-instruct", request.param)
-    loop = EngineLoop(loaded)
-    yield loaded, loop
-    loop.close()
-    loaded.close()
+@pytest.fixture(params=["transformers", "vllm"])
+def engine(request: pytest.FixtureRequest) -> tuple[Any, EngineLoop]:
+    return request.getfixturevalue(f"{request.param}_loop")  # type: ignore[no-any-return]
 
 
 def write_lines(path: Path, lines: list[dict[str, Any]]) -> Path:

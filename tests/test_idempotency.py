@@ -16,18 +16,12 @@ from schema.queue import Queue
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Item, Result
 from worker import executor
-from worker.engine_loop import EngineLoop
-from worker.engines import load_engine
 from worker.runtime import Runtime
 
 
-@pytest.fixture(scope="module")
-def engine():  # type: ignore[no-untyped-def]
-    loaded = load_engine("smollm2-135m-instruct", "transformers")
-    loop = EngineLoop(loaded)
-    yield loaded, loop
-    loop.close()
-    loaded.close()
+@pytest.fixture
+def engine(transformers_loop):  # type: ignore[no-untyped-def]
+    return transformers_loop
 
 
 def submit_docs(settings, tmp_path: Path, n: int = 6) -> tuple[str, list[int]]:  # type: ignore[no-untyped-def]
