@@ -206,10 +206,18 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from schema.errors import BrokerError
     from schema.queue import Queue
     from worker.reconciler import reconcile
 
-    report = reconcile(settings, Queue(settings))
+    try:
+        report = reconcile(settings, Queue(settings))
+    except (OperationalError, RedisConnectionError, OSError) as exc:  # the broker is away: one line, no traceback
+        raise BrokerError(f"cannot reach the broker {redact(settings.broker_url)}: {type(exc).__name__}: "
+                          f"{redact(str(exc))}") from exc
     print(f"{len(report.expired_batches)} batches expired, {report.leases_expired} dead leases returned, "
           f"{report.requeued} items requeued", file=sys.stderr)
     return 0

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
+from producer.service import Service
+from schema.db import get_sessionmaker
+from schema.errors import BrokerError
 from schema.settings import Settings, redact
+from schema.tables import Batch, Item
 from tests.conftest import gristmill
 
 
@@ -41,6 +47,21 @@ def test_unreachable_broker_error_hides_password(sqlite_url: str, settings_for, 
     proc = gristmill("submit", str(path), settings=settings, cwd=tmp_path, check=False, timeout=120)
     assert proc.returncode == 1
     assert "could not be enqueued" in proc.stderr and "hunter2" not in proc.stderr + proc.stdout
+
+
+def test_reconcile_with_the_broker_away_is_one_line(pg_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An open batch makes the reconciler ask Redis what it carries: with Redis away, one clear line."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "text": "hi"}\n')
+    settings = settings_for(pg_url, "redis://:hunter2@127.0.0.1:1/0")
+    with pytest.raises(BrokerError):  # stored, then not enqueued: the batch is marked failed
+        Service(settings).submit(path)
+    with get_sessionmaker(pg_url)() as session, session.begin():  # as if it had been enqueued long ago
+        session.execute(update(Batch).values(status="in_progress"))
+        session.execute(update(Item).values(enqueued_at=Item.enqueued_at - timedelta(hours=1)))
+    proc = gristmill("reconcile", settings=settings, cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot reach the broker redis://:***@127.0.0.1:1/0" in proc.stderr and "hunter2" not in proc.stderr
 
 
 def test_tls_redis_urls_verify_certificates() -> None:

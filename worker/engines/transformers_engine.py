@@ -15,7 +15,7 @@ from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import admit, failed_result, hf_labels, hf_structured
+from worker.engines import admit, failed_result, hf_embed, hf_labels, hf_structured
 from worker.engines.base import EMBED, GENERATE, SCORE_LABELS, Embedded
 from worker.engines.labels import (
     Choice,
@@ -136,27 +136,10 @@ class TransformersEngine:
         ordered = sorted(runnable, key=lambda item: len(item[1]))  # similar lengths pad least
         for start in range(0, len(ordered), self.batch_size):
             batch = ordered[start : start + self.batch_size]
-            for (index, ids), vector in zip(batch, self._pool([ids for _, ids in batch]), strict=True):
+            vectors = hf_embed.pooled(self._require_model(), self._tokenizer, [ids for _, ids in batch], self.pooling)
+            for (index, ids), vector in zip(batch, vectors, strict=True):
                 results[index] = Embedded(vector, len(ids))
         return results
-
-    def _pool(self, rows: list[list[int]]) -> list[list[float]]:
-        model: Any = self._require_model()
-        inputs = self._tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)  # left padding
-        mask = inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # each row counts from its own first token
-        with torch.inference_mode():
-            out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
-                        output_hidden_states=True)
-        states = out.hidden_states[-1].float()
-        if self.pooling == "LAST":
-            pooled = states[:, -1]
-        elif self.pooling == "CLS":
-            pooled = states[torch.arange(len(rows)), mask.argmax(-1)]  # the first real token
-        else:
-            weights = mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * weights).sum(1) / weights.sum(1)
-        return torch.nn.functional.normalize(pooled, dim=-1).tolist()  # type: ignore[no-any-return]
 
     # --- classification ------------------------------------------------------------------------
 
