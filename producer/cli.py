@@ -71,6 +71,14 @@ def parser() -> argparse.ArgumentParser:
     prepare = models.add_parser("prepare", help="convert a model once into the local cache")
     prepare.add_argument("name", nargs="?")
     sub.add_parser("reconcile", help="requeue what SQL says should run but no message carries; expire batches")
+    keys = sub.add_parser("keys", help="API keys of the HTTP API").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="a new key; printed once, stored hashed")
+    create.add_argument("--name", required=True)
+    create.add_argument("--project", default="default", help="the key sees only this project's files and batches")
+    create.add_argument("--admin", action="store_true", help="the key sees every project")
+    keys.add_parser("list", help="every key (never the key itself)")
+    revoke = keys.add_parser("revoke", help="a revoked key is refused from now on")
+    revoke.add_argument("name")
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations")
     return root
@@ -231,9 +239,28 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from producer import keys
+    from schema.db import prepare_schema
+
+    prepare_schema(settings.database_url)
+    if args.action == "create":
+        print(keys.create(settings, args.name, args.project, args.admin))
+    elif args.action == "revoke":
+        keys.revoke(settings, args.name)
+        print(f"key {args.name!r} revoked", file=sys.stderr)
+    else:
+        print(f"{'name':<24} {'project':<24} {'admin':<6} {'created':<20} revoked")
+        for key in keys.list_keys(settings):
+            revoked = f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-"
+            print(f"{key.name:<24} {key.project:<24} {'yes' if key.admin else 'no':<6} "
+                  f"{key.created_at:%Y-%m-%d %H:%M}{'':<4} {revoked}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
             "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "models": cmd_models, "db": cmd_db,
-            "reconcile": cmd_reconcile}
+            "reconcile": cmd_reconcile, "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

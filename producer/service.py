@@ -39,7 +39,7 @@ Source = str | Path | bytes | BinaryIO | Iterable[bytes]
 @dataclass(frozen=True)
 class Record:
     """One finished item of a batch's output: its line (OpenAI output line, classification line, ...),
-    whether it succeeded, and its CSV row."""
+    whether it succeeded, and its SQL row (what the kind's csv_row reads)."""
 
     ok: bool
     line: BaseModel

@@ -177,3 +177,20 @@ class Worker(Base):
     kinds: Mapped[list[str]] = mapped_column(JSON, default=list)  # the task kinds its engine serves
     started_at: Mapped[datetime] = mapped_column(Timestamp)
     seen_at: Mapped[datetime] = mapped_column(Timestamp)  # heartbeat: a worker unseen for long is gone
+
+
+class ApiKey(Base):
+    """A key of the HTTP API: it belongs to a project and sees only that project's files and batches,
+    unless it is an admin key. Only a salted HMAC-SHA256 of the key is stored (producer.keys)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    project: Mapped[str] = mapped_column(String(128))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    lookup: Mapped[str] = mapped_column(String(16), index=True)  # the key's first characters: finds its row
+    salt: Mapped[str] = mapped_column(String(32))
+    digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
