@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_model_len: int = Field(default=2048, ge=64)
     max_line_bytes: int = Field(default=1_000_000, ge=1)
     max_items_per_batch: int = Field(default=100_000, ge=1)
+    max_upload_bytes: int = Field(default=200 * 2**20, ge=1)  # a file uploaded to the HTTP API (OpenAI's: 200 MB)
     visibility_timeout_s: int = Field(default=3600, ge=60)
     chunk_time_limit_s: int = Field(default=1800, ge=10)
     max_attempts: int = Field(default=3, ge=1)  # an item that fails its engine this often is marked failed

@@ -194,3 +194,28 @@ class ApiKey(Base):
     digest: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class File(Base):
+    """An uploaded file (the HTTP API's Files), its bytes in `file_chunks` so every API replica and worker
+    reaches it through the database, and so it is written and read as a stream."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_project_created", "project", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "file-..."
+    project: Mapped[str] = mapped_column(String(128))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class FileChunk(Base):
+    """One piece of a file's bytes, in order."""
+
+    __tablename__ = "file_chunks"
+
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

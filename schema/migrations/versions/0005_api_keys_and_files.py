@@ -1,4 +1,4 @@
-"""API keys of the HTTP API
+"""API keys and files of the HTTP API
 
 Revision ID: 0005
 Revises: 0004
@@ -33,7 +33,29 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_api_keys_lookup"), ["lookup"], unique=False)
+    op.create_table(
+        "files",
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("project", sa.String(length=128), nullable=False),
+        sa.Column("purpose", sa.String(length=32), nullable=False),
+        sa.Column("filename", sa.String(length=255), nullable=False),
+        sa.Column("bytes", sa.BigInteger(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_files_project_created", "files", ["project", "created_at"], unique=False)
+    op.create_table(
+        "file_chunks",
+        sa.Column("file_id", sa.String(length=64), nullable=False),
+        sa.Column("seq", sa.Integer(), nullable=False),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.ForeignKeyConstraint(["file_id"], ["files.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("file_id", "seq"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("file_chunks")
+    op.drop_index("ix_files_project_created", table_name="files")
+    op.drop_table("files")
     op.drop_table("api_keys")
