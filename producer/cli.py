@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     prepare = models.add_parser("prepare", help="convert a model once into the local cache")
     prepare.add_argument("name", nargs="?")
     sub.add_parser("reconcile", help="requeue what SQL says should run but no message carries; expire batches")
+    serve = sub.add_parser("serve", help="the HTTP API: OpenAI's Files and Batches endpoints under /v1")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     keys = sub.add_parser("keys", help="API keys of the HTTP API").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="a new key; printed once, stored hashed")
     create.add_argument("--name", required=True)
@@ -239,6 +243,28 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import ipaddress
+    import os
+
+    import uvicorn
+
+    from producer import http_api, keys
+    from schema.db import prepare_schema
+
+    prepare_schema(settings.database_url)
+    local = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    if not local and not keys.any_live(settings):
+        raise GristmillError(f"no API key exists: create one (gristmill keys create --name NAME) before serving on "
+                             f"{args.host}; without keys the API serves 127.0.0.1 only")
+    os.environ[http_api.LOCAL_ENV] = "1" if local else "0"  # read by each uvicorn worker's app
+    print(f"gristmill API on http://{args.host}:{args.port}/v1 ({'no key needed until one exists' if local else 'keys required'}); "
+          f"database {redact(settings.database_url)}", file=sys.stderr)
+    uvicorn.run("producer.http_api:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level="info", timeout_graceful_shutdown=30)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from producer import keys
     from schema.db import prepare_schema
@@ -260,7 +286,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
             "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "models": cmd_models, "db": cmd_db,
-            "reconcile": cmd_reconcile, "keys": cmd_keys}
+            "reconcile": cmd_reconcile, "keys": cmd_keys, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ it connects to the broker only when it first submits.
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import BaseModel
-from sqlalchemy import Row, select
+from sqlalchemy import Row, select, tuple_
 from sqlalchemy.orm import Session
 
 from producer import stats
-from producer.submit import NewBatch, enqueue, new_batch_id, store_batch
+from producer.submit import NewBatch, enqueue, new_batch_id, store_batch, store_invalid
 from schema import kinds, store, workers
 from schema.batch_object import BatchObject
 from schema.db import get_sessionmaker, prepare_schema, utcnow
@@ -47,11 +48,18 @@ class Record:
 
 
 class Service:
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, project: str | None = None) -> None:
         self.settings = settings or get_settings()
+        self.project = project  # None: every project's batches (the CLI, an admin key); else only its own
         self._sessions = get_sessionmaker(self.settings.database_url)
         self._queue: Queue | None = None
         prepare_schema(self.settings.database_url)
+
+    def scoped(self, project: str | None) -> Service:
+        """The same service seeing only `project`'s batches (an HTTP API key's view)."""
+        view = copy.copy(self)
+        view.project = project
+        return view
 
     @property
     def queue(self) -> Queue:
@@ -63,11 +71,13 @@ class Service:
 
     def submit(self, source: Source, *, name: str | None = None, task: str = "generate", model: str | None = None,
                metadata: dict[str, Any] | None = None, completion_window: str = "24h", check_workers: bool = True,
-               **options: Any) -> str:
+               endpoint: str | None = None, record_invalid: bool = False, **options: Any) -> str:
         """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
         (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
-        InputError naming the source, line and field, and nothing is written. `check_workers=False`
-        skips refusing a kind the live workers cannot run (`gristmill run` brings its own worker)."""
+        InputError naming the source, line and field, and nothing is written; with `record_invalid`
+        (the HTTP API, as OpenAI's) it becomes a `failed` batch whose errors say so. `endpoint`: every
+        line must be for it. `check_workers=False` skips refusing a kind the live workers cannot run
+        (`gristmill run` brings its own worker)."""
         kind = kinds.get(task)
         spec = kind.spec(**options)
         window_s = parse_window(completion_window)
@@ -76,13 +86,23 @@ class Service:
             self._check_served(kind.name, model)
         limits = kinds.Limits(model, self.settings.max_line_bytes, self.settings.max_items_per_batch)
         name = name or (str(source) if isinstance(source, (str, Path)) else "<input>")
+        batch_id = new_batch_id()
+        new = NewBatch(kind.name, model, self.project or "default", spec.model_dump(), name, metadata or {},
+                       window_s)
         try:
             with open_source(source, name) as stream:
                 items = kind.parse(stream, name, spec, limits)
+            if endpoint is not None and items[0].endpoint != endpoint:
+                raise InputError(name, items[0].line, "url", f"url {items[0].endpoint!r} differs from the batch's "
+                                                             f"endpoint {endpoint!r}")
         except OSError as exc:  # a file that cannot be read (InputError is no OSError)
             raise InputError(name, None, None, f"cannot read file: {exc.strerror or exc}") from exc
-        batch_id = new_batch_id()
-        new = NewBatch(kind.name, model, spec.model_dump(), name, metadata or {}, window_s)
+        except InputError as exc:
+            if not record_invalid:
+                raise
+            error = {"code": "invalid_request", "message": exc.message, "param": exc.field, "line": exc.line}
+            store_invalid(self.settings, batch_id, new, endpoint or "", [error])
+            return batch_id
         store_batch(self.settings, batch_id, new, items)
         enqueue(self.settings, self.queue, batch_id, model, kind.name)
         return batch_id
@@ -105,12 +125,17 @@ class Service:
         with self._sessions() as session:
             return BatchObject.from_row(self._batch(session, batch_id), utcnow())
 
-    def list_batches(self, limit: int = 20) -> list[BatchObject]:
-        """The most recent batches first."""
+    def list_batches(self, limit: int = 20, after: str | None = None) -> list[BatchObject]:
+        """The most recent batches first; `after` a batch id: the page that follows it."""
+        query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
+        if self.project is not None:
+            query = query.where(Batch.project == self.project)
         with self._sessions() as session:
-            rows = session.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)).all()
+            if after is not None:
+                cursor = self._batch(session, after)
+                query = query.where(tuple_(Batch.created_at, Batch.id) < tuple_(cursor.created_at, cursor.id))
             now = utcnow()
-            return [BatchObject.from_row(row, now) for row in rows]
+            return [BatchObject.from_row(row, now) for row in session.scalars(query)]
 
     def cancel(self, batch_id: str) -> BatchObject:
         """Stop queued items now; running ones finish and keep their results; ends `cancelled`."""
@@ -149,7 +174,7 @@ class Service:
 
     def _batch(self, session: Session, batch_id: str, for_update: bool = False) -> Batch:
         batch = session.get(Batch, batch_id, with_for_update=for_update)
-        if batch is None:
+        if batch is None or (self.project is not None and batch.project != self.project):  # not found, not forbidden
             raise BatchNotFound(f"no batch with id {batch_id!r}")
         return batch
 

@@ -35,6 +35,7 @@ class NewBatch:
 
     kind: str
     model: str
+    project: str
     params: dict[str, Any]  # the kind's spec
     input_file: str
     metadata: dict[str, Any]
@@ -60,7 +61,8 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
     """The batch row and every item row, in one transaction (PostgreSQL: COPY)."""
     now = utcnow()
     batch = Batch(
-        id=batch_id, kind=new.kind, endpoint=items[0].endpoint, model=new.model, params=new.params,
+        id=batch_id, kind=new.kind, project=new.project, endpoint=items[0].endpoint, model=new.model,
+        params=new.params,
         status=BatchStatus.in_progress, input_file=new.input_file, metadata_=new.metadata, errors=[],
         total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
         completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
@@ -76,6 +78,18 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
             for chunk in batched(rows, INSERT_ROWS_PER_STATEMENT):
                 session.execute(insert(Item), chunk)  # executemany: a few statements, not one per item
     refresh_planner_stats(settings, len(items))
+
+
+def store_invalid(settings: Settings, batch_id: str, new: NewBatch, endpoint: str, errors: list[dict[str, Any]]) -> None:
+    """A batch whose input failed validation, recorded as `failed` with the problems, no items (what
+    OpenAI's Batch API does; the CLI and Python API raise InputError instead)."""
+    now = utcnow()
+    with get_sessionmaker(settings.database_url)() as session, session.begin():
+        session.add(Batch(
+            id=batch_id, kind=new.kind, project=new.project, endpoint=endpoint, model=new.model, params=new.params,
+            status=BatchStatus.failed, input_file=new.input_file, metadata_=new.metadata, errors=errors, total=0,
+            succeeded=0, failed=0, cancelled=0, expired=0, completion_window_s=new.window_s,
+            expires_at=now + timedelta(seconds=new.window_s), created_at=now, failed_at=now))
 
 
 ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",

@@ -38,7 +38,8 @@ class Batch(Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # generate | classify
+    kind: Mapped[str] = mapped_column(String(32))  # schema.kinds: generate, classify, extract, embed
+    project: Mapped[str] = mapped_column(String(128), default="default", server_default="default")  # HTTP API tenant
     endpoint: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(512))
     params: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)

@@ -55,3 +55,9 @@ def kinds_served(settings: Settings, model: str) -> set[str] | None:
         rows = [kinds for kinds in session.scalars(select(Worker.kinds).where(Worker.model == model, _live(settings)))
                 if kinds]
     return {kind for kinds in rows for kind in kinds} if rows else None
+
+
+def live_models(settings: Settings) -> set[str]:
+    """The models some live worker runs."""
+    with get_sessionmaker(settings.database_url)() as session:
+        return set(session.scalars(select(Worker.model).where(_live(settings)).distinct()))

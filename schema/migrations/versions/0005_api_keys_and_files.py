@@ -1,4 +1,4 @@
-"""API keys and files of the HTTP API
+"""API keys, files and batch projects of the HTTP API
 
 Revision ID: 0005
 Revises: 0004
@@ -17,6 +17,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("project", sa.String(length=128), nullable=False, server_default="default"))
     op.create_table(
         "api_keys",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
@@ -59,3 +61,5 @@ def downgrade() -> None:
     op.drop_index("ix_files_project_created", table_name="files")
     op.drop_table("files")
     op.drop_table("api_keys")
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.drop_column("project")

@@ -1,0 +1,239 @@
+"""The HTTP API: OpenAI's Files and Batches endpoints, so any OpenAI SDK submits work and reads it back.
+
+A thin layer over the service core (producer.service) and the files in SQL (producer.files). Every
+request carries `Authorization: Bearer KEY` (producer.keys); a key sees its project's files and
+batches only (another project's id is 404), an admin key sees all. With no key created yet the API
+serves one person on 127.0.0.1 without keys (`gristmill serve` refuses any other address then).
+Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Output and error files
+are rendered from SQL when downloaded, streamed: `file-output-<batch id>`, `file-errors-<batch id>`.
+"""
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from producer import files, keys
+from producer.service import Service
+from schema import workers
+from schema.batch_object import BatchObject
+from schema.errors import BatchNotFound, BatchStateError, GristmillError, InputError
+from schema.kinds.embed import EMBEDDINGS_URL
+from schema.lines import CHAT_URL, COMPLETIONS_URL
+from schema.settings import Settings, get_settings, redact
+
+KIND_OF_ENDPOINT = {CHAT_URL: "generate", COMPLETIONS_URL: "generate", EMBEDDINGS_URL: "embed"}
+OUTPUT, ERRORS = "file-output-", "file-errors-"
+UPLOAD_PIECE = 1 << 20
+LOCAL_ENV = "GRISTMILL_SERVE_LOCAL"  # set by `gristmill serve` when bound to a loopback address
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+@dataclass(frozen=True)
+class Caller:
+    project: str | None  # None: every project (an admin key, or no keys on a laptop)
+    home: str  # where its files and batches are created
+
+
+class CreateBatch(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+def create_app(settings: Settings, local: bool = False) -> FastAPI:
+    """The API over these settings; `local`: bound to 127.0.0.1, where requests need no key for as long
+    as no key exists (one person's laptop)."""
+    app = FastAPI(title="gristmill", docs_url=None, redoc_url=None)
+    service = Service(settings)
+
+    def caller(request: Request) -> Caller:
+        header = request.headers.get("authorization", "")
+        if local and not header and not keys.any_live(settings):
+            return Caller(None, "default")
+        found = keys.verify(settings, header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
+        if found is None:
+            raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
+                           "invalid_request_error", code="invalid_api_key")
+        return Caller(None if found.admin else found.project, found.project)
+
+    Who = Annotated[Caller, Depends(caller)]
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        return _error(400, f"{param or 'request'}: {first['msg']}", param=param)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        try:
+            service.list_batches(limit=1)
+        except Exception as exc:  # noqa: BLE001  # any failure means not ready; say which service
+            return JSONResponse({"status": "unavailable", "database": redact(str(exc))[:200]}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.post("/v1/files")
+    def upload(who: Who, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+        # Starlette has spooled the multipart body to a temporary file; it goes to SQL a piece at a time.
+        pieces = iter(lambda: file.file.read(UPLOAD_PIECE), b"")
+        try:
+            stored = files.store(settings, who.home, file.filename or "upload.jsonl", pieces, purpose)
+        except files.FileTooLarge as exc:
+            raise ApiError(413, str(exc), code="file_too_large") from exc
+        except InputError as exc:
+            raise ApiError(400, exc.message, param=exc.path) from exc
+        return _file(stored)
+
+    @app.get("/v1/files")
+    def list_files(who: Who, limit: int = 100) -> dict[str, Any]:
+        return _page([_file(f) for f in files.list_files(settings, who.project, min(max(limit, 1), 10_000))])
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(who: Who, file_id: str) -> dict[str, Any]:
+        if file_id.startswith((OUTPUT, ERRORS)):
+            return _rendered(who, file_id)
+        return _file(_found(lambda: files.info(settings, who.project, file_id)))
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(who: Who, file_id: str) -> StreamingResponse:
+        if file_id.startswith((OUTPUT, ERRORS)):
+            _rendered(who, file_id)
+            return StreamingResponse(_lines(who, file_id), media_type="application/jsonl")
+        chunks = _found(lambda: files.content(settings, who.project, file_id))
+        return StreamingResponse(chunks, media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(who: Who, file_id: str) -> dict[str, Any]:
+        _found(lambda: files.remove(settings, who.project, file_id))
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.post("/v1/batches")
+    def create_batch(who: Who, body: CreateBatch) -> dict[str, Any]:
+        kind = KIND_OF_ENDPOINT.get(body.endpoint)
+        if kind is None:
+            raise ApiError(400, f"endpoint {body.endpoint!r} is not supported; use one of "
+                                f"{', '.join(KIND_OF_ENDPOINT)}", param="endpoint")
+        if body.completion_window != "24h":
+            raise ApiError(400, "completion_window must be 24h", param="completion_window")
+        stored = _found(lambda: files.info(settings, who.project, body.input_file_id), param="input_file_id")
+        view = service.scoped(stored.project)
+        batch_id = _found(lambda: view.submit(files.content(settings, stored.project, stored.id), name=stored.id,
+                                              task=kind, metadata=body.metadata, endpoint=body.endpoint,
+                                              record_invalid=True))
+        return _batch(view.status(batch_id))
+
+    @app.get("/v1/batches")
+    def list_batches(who: Who, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        view = service.scoped(who.project)
+        page = _found(lambda: view.list_batches(min(max(limit, 1), 100) + 1, after), param="after")
+        return _page([_batch(b) for b in page[:limit]], has_more=len(page) > limit)
+
+    @app.get("/v1/batches/{batch_id}")
+    def get_batch(who: Who, batch_id: str) -> dict[str, Any]:
+        return _batch(_found(lambda: service.scoped(who.project).status(batch_id)))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel_batch(who: Who, batch_id: str) -> dict[str, Any]:
+        view = service.scoped(who.project)
+        info = _found(lambda: view.status(batch_id))
+        if info.status in ("cancelling", "cancelled"):  # idempotent
+            return _batch(info)
+        try:
+            return _batch(view.cancel(batch_id))
+        except BatchStateError as exc:
+            raise ApiError(409, str(exc)) from exc
+
+    @app.get("/v1/models")
+    def models(who: Who) -> dict[str, Any]:
+        live = sorted(workers.live_models(settings))
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "gristmill"}
+                                           for m in live]}
+
+    def _rendered(who: Caller, file_id: str) -> dict[str, Any]:
+        batch_id = file_id.removeprefix(OUTPUT).removeprefix(ERRORS)
+        info = _found(lambda: service.scoped(who.project).status(batch_id))
+        counts = info.request_counts
+        return {"id": file_id, "object": "file", "bytes": 0, "created_at": info.created_at,
+                "filename": f"{batch_id}_{'output' if file_id.startswith(OUTPUT) else 'errors'}.jsonl",
+                "purpose": "batch_output", "status": "processed", "expires_at": None, "status_details": None,
+                "request_counts": counts.model_dump()}
+
+    def _lines(who: Caller, file_id: str) -> Iterator[bytes]:
+        wanted_ok = file_id.startswith(OUTPUT)
+        batch_id = file_id.removeprefix(OUTPUT).removeprefix(ERRORS)
+        for record in service.scoped(who.project).output(batch_id):
+            if record.ok == wanted_ok:
+                yield record.line.model_dump_json().encode() + b"\n"
+
+    return app
+
+
+def _found(call: Any, param: str | None = None) -> Any:
+    """The call's result; 404 in OpenAI's shape for what the caller's project does not hold."""
+    try:
+        return call()
+    except (files.FileNotFound, BatchNotFound) as exc:
+        raise ApiError(404, str(exc), param=param, code="not_found") from exc
+    except GristmillError as exc:
+        raise ApiError(400, str(exc), param=param) from exc
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+def _file(info: files.FileInfo) -> dict[str, Any]:
+    return {"id": info.id, "object": "file", "bytes": info.bytes, "created_at": int(info.created_at.timestamp()),
+            "filename": info.filename, "purpose": info.purpose, "status": "processed", "expires_at": None,
+            "status_details": None}
+
+
+def _batch(info: BatchObject) -> dict[str, Any]:
+    """OpenAI's batch object (explicit nulls where OpenAI sends them)."""
+    counts = info.request_counts
+    done = info.status in ("completed", "cancelled", "expired")
+    return {
+        "id": info.id, "object": "batch", "endpoint": info.endpoint, "model": info.model,
+        "errors": {"object": "list", "data": info.errors} if info.errors else None,
+        "input_file_id": info.input_file, "completion_window": info.completion_window, "status": info.status,
+        "output_file_id": OUTPUT + info.id if done and counts.completed else None,
+        "error_file_id": ERRORS + info.id if done and counts.failed else None,
+        "created_at": info.created_at, "in_progress_at": info.in_progress_at, "expires_at": info.expires_at,
+        "finalizing_at": info.finalizing_at, "completed_at": info.completed_at, "failed_at": info.failed_at,
+        "expired_at": info.expired_at, "cancelling_at": info.cancelling_at, "cancelled_at": info.cancelled_at,
+        "request_counts": counts.model_dump(), "metadata": info.metadata or None,
+    }
+
+
+def _page(data: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more and bool(data)}
+
+
+def app_from_env() -> FastAPI:
+    """The app uvicorn's workers build (`gristmill serve --workers N`), from GRISTMILL_* settings."""
+    settings = get_settings()
+    return create_app(settings, local=os.environ.get(LOCAL_ENV) == "1")

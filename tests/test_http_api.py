@@ -1,0 +1,172 @@
+"""The HTTP API through the official OpenAI Python client, against a real `gristmill serve` process and a
+real worker process (the no-inference HoldingEngine: the subject is the API, not the engine; its gate
+holds chunks running so a cancel lands mid-batch)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+from sqlalchemy import select
+
+from producer import keys
+from schema.db import get_sessionmaker, prepare_schema
+from schema.settings import Settings
+from schema.tables import Worker
+from tests.conftest import REPO, cli_env
+
+HOLDING = "tests.fault_engine:HoldingEngine"
+QUESTIONS = REPO / "examples" / "questions.jsonl"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start(args: list[str], settings: Settings, tmp_path: Path, log: str) -> subprocess.Popen[bytes]:
+    with open(tmp_path / log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=cli_env(settings), cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def stack(sqlite_url: str, settings_for, tmp_path: Path) -> Iterator[tuple[Settings, str, dict[str, str]]]:  # type: ignore[no-untyped-def]
+    """A worker and `gristmill serve` on one SQLite database and the embedded broker; keys of two projects."""
+    settings = settings_for(sqlite_url, reconcile_interval_s=2)
+    prepare_schema(sqlite_url)
+    made = {"a": keys.create(settings, "team-a", "a"), "b": keys.create(settings, "team-b", "b"),
+            "admin": keys.create(settings, "ops", "ops", admin=True)}
+    port = free_port()
+    procs = [start(["worker", "--engine", HOLDING], settings, tmp_path, "worker.log"),
+             start(["serve", "--port", str(port)], settings, tmp_path, "serve.log")]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: answers(base + "/healthz"), 60, "the API did not start")
+
+        def worker_up() -> bool:
+            with get_sessionmaker(sqlite_url)() as session:
+                return session.scalar(select(Worker.id)) is not None
+
+        wait_until(worker_up, 120, "the worker did not start")
+        yield settings, base + "/v1", made
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
+
+
+def client(base: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+
+
+def run_to_end(api: openai.OpenAI, batch_id: str) -> openai.types.Batch:
+    deadline = time.monotonic() + 120
+    while (batch := api.batches.retrieve(batch_id)).status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch.status
+        time.sleep(0.3)
+    return batch
+
+
+def test_a_batch_through_the_openai_client(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, base, made = stack
+    api = client(base, made["a"])
+    assert [m.id for m in api.models.list()] == [settings.model]  # what the live worker serves
+    uploaded = api.files.create(file=QUESTIONS.open("rb"), purpose="batch")
+    assert uploaded.bytes == QUESTIONS.stat().st_size and uploaded.filename == "questions.jsonl"
+    assert api.files.content(uploaded.id).content == QUESTIONS.read_bytes()
+    batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                               completion_window="24h", metadata={"run": "nightly"})
+    assert batch.status == "in_progress" and batch.request_counts.total == 16  # type: ignore[union-attr]
+    done = run_to_end(api, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 16  # type: ignore[union-attr]
+    assert done.metadata == {"run": "nightly"} and done.error_file_id is None and done.output_file_id
+    lines = api.files.content(done.output_file_id).text.splitlines()
+    assert [json.loads(line)["custom_id"] for line in lines] == [f"q-{i:02d}" for i in range(1, 17)]
+    for line in lines:  # the SDK's own type reads every response body
+        ChatCompletion.model_validate(json.loads(line)["response"]["body"])
+
+    # another project sees none of it; no key, a wrong key, a revoked key are refused
+    other = client(base, made["b"])
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert [b.id for b in other.batches.list()] == []
+    assert client(base, made["admin"]).batches.retrieve(batch.id).id == batch.id
+    for key in ("gm-" + "x" * 43, made["a"][:-2] + "zz"):
+        with pytest.raises(openai.AuthenticationError):
+            client(base, key).batches.list()
+    assert httpx.get(base + "/batches").status_code == 401
+    keys.revoke(settings, "team-b")
+    with pytest.raises(openai.AuthenticationError):
+        other.batches.list()
+    logs = (tmp_path / "serve.log").read_text()
+    assert all(k not in logs for k in made.values())
+
+
+def test_validation_pagination_and_cancel(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, base, made = stack
+    api = client(base, made["a"])
+    first = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [{"role": "user", "content": "hi"}]}}
+    bad = api.files.create(file=("bad.jsonl", json.dumps(first).encode() + b"\n{oops\n"), purpose="batch")
+    failed = api.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert failed.status == "failed" and failed.errors is not None  # as OpenAI: a failed batch, not an HTTP 400
+    error = failed.errors.data[0]  # type: ignore[index]
+    assert (error.line, error.code) == (2, "invalid_request") and "not valid JSON" in (error.message or "")
+
+    (settings.home / "closed").touch()  # the worker's engine holds every chunk from here
+    good = api.files.create(file=QUESTIONS.open("rb"), purpose="batch")
+    held = api.batches.create(input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h")
+    created = [failed.id, held.id]
+    for _ in range(2):
+        created.append(api.batches.create(input_file_id=good.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h").id)
+    walked = [b.id for b in api.batches.list(limit=1)]  # the SDK follows `after` page by page
+    assert walked == created[::-1]  # newest first, each exactly once
+    cancelling = api.batches.cancel(held.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    assert api.batches.cancel(held.id).status in ("cancelling", "cancelled")  # idempotent
+    (settings.home / "closed").unlink()
+    done = run_to_end(api, held.id)
+    assert done.status == "cancelled"
+    counts = done.request_counts
+    assert counts is not None and counts.total == 16 and counts.completed + counts.failed <= 16
+    if counts.completed:  # chunks running at the cancel finished and kept their results
+        assert len(api.files.content(done.output_file_id).text.splitlines()) == counts.completed  # type: ignore[arg-type]
+
+
+def test_serve_refuses_a_public_address_without_keys(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(sqlite_url)
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", "serve", "--host", "0.0.0.0", "--port",
+                           str(free_port())], env=cli_env(settings), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1 and "no API key exists" in proc.stderr
