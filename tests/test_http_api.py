@@ -57,23 +57,25 @@ def start(args: list[str], settings: Settings, tmp_path: Path, log: str) -> subp
 @pytest.fixture
 def stack(sqlite_url: str, settings_for, tmp_path: Path) -> Iterator[tuple[Settings, str, dict[str, str]]]:  # type: ignore[no-untyped-def]
     """A worker and `gristmill serve` on one SQLite database and the embedded broker; keys of two projects."""
-    settings = settings_for(sqlite_url, reconcile_interval_s=2)
+    settings = settings_for(sqlite_url, reconcile_interval_s=2, max_upload_bytes=20_000)
     prepare_schema(sqlite_url)
     made = {"a": keys.create(settings, "team-a", "a"), "b": keys.create(settings, "team-b", "b"),
             "admin": keys.create(settings, "ops", "ops", admin=True)}
-    port = free_port()
+    port, second = free_port(), free_port()
     procs = [start(["worker", "--engine", HOLDING], settings, tmp_path, "worker.log"),
-             start(["serve", "--port", str(port)], settings, tmp_path, "serve.log")]
+             start(["serve", "--port", str(port)], settings, tmp_path, "serve.log"),
+             start(["serve", "--port", str(second)], settings, tmp_path, "serve2.log")]  # a second replica
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: answers(base + "/healthz"), 60, "the API did not start")
+        for url in (base, f"http://127.0.0.1:{second}"):
+            wait_until(lambda url=url: answers(url + "/healthz"), 60, "the API did not start")
 
         def worker_up() -> bool:
             with get_sessionmaker(sqlite_url)() as session:
                 return session.scalar(select(Worker.id)) is not None
 
         wait_until(worker_up, 120, "the worker did not start")
-        yield settings, base + "/v1", made
+        yield settings, base + "/v1", made, f"http://127.0.0.1:{second}/v1"
     finally:
         for proc in procs:
             proc.terminate()
@@ -94,7 +96,7 @@ def run_to_end(api: openai.OpenAI, batch_id: str) -> openai.types.Batch:
 
 
 def test_a_batch_through_the_openai_client(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    settings, base, made = stack
+    settings, base, made, _ = stack
     api = client(base, made["a"])
     assert [m.id for m in api.models.list()] == [settings.model]  # what the live worker serves
     uploaded = api.files.create(file=QUESTIONS.open("rb"), purpose="batch")
@@ -133,7 +135,7 @@ def test_a_batch_through_the_openai_client(stack, tmp_path: Path) -> None:  # ty
 
 
 def test_validation_pagination_and_cancel(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    settings, base, made = stack
+    settings, base, made, replica = stack
     api = client(base, made["a"])
     first = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
              "body": {"messages": [{"role": "user", "content": "hi"}]}}
@@ -152,8 +154,8 @@ def test_validation_pagination_and_cancel(stack, tmp_path: Path) -> None:  # typ
                                           completion_window="24h").id)
     walked = [b.id for b in api.batches.list(limit=1)]  # the SDK follows `after` page by page
     assert walked == created[::-1]  # newest first, each exactly once
-    cancelling = api.batches.cancel(held.id)
-    assert cancelling.status in ("cancelling", "cancelled")
+    cancelling = client(replica, made["a"]).batches.cancel(held.id)  # created through one server, cancelled
+    assert cancelling.status in ("cancelling", "cancelled")          # through the other: one database
     assert api.batches.cancel(held.id).status in ("cancelling", "cancelled")  # idempotent
     (settings.home / "closed").unlink()
     done = run_to_end(api, held.id)
@@ -162,6 +164,22 @@ def test_validation_pagination_and_cancel(stack, tmp_path: Path) -> None:  # typ
     assert counts is not None and counts.total == 16 and counts.completed + counts.failed <= 16
     if counts.completed:  # chunks running at the cancel finished and kept their results
         assert len(api.files.content(done.output_file_id).text.splitlines()) == counts.completed  # type: ignore[arg-type]
+
+
+def test_uploads_that_are_refused(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, base, made, _ = stack
+    api = client(base, made["a"])
+    with pytest.raises(openai.APIStatusError) as too_big:
+        api.files.create(file=("big.jsonl", b"x" * 30_000), purpose="batch")
+    assert too_big.value.status_code == 413
+    auth = {"Authorization": f"Bearer {made['a']}"}
+    sneaky = httpx.post(base + "/files", headers=auth, data={"purpose": "batch"},
+                        files={"file": ("../../etc/x.jsonl", b"{}\n")})
+    assert sneaky.status_code == 400 and sneaky.json()["error"]["param"] == "filename"
+    garbled = httpx.post(base + "/files", headers={**auth, "Content-Type": "multipart/form-data; boundary=zz"},
+                         content=b"--zz\r\nnot a part")
+    assert garbled.status_code == 400 and set(garbled.json()["error"]) == {"message", "type", "param", "code"}
+    assert api.files.list().data == []  # nothing stored
 
 
 def test_serve_refuses_a_public_address_without_keys(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
