@@ -43,8 +43,11 @@ class FileInfo:
     created_at: datetime
 
 
-def store(settings: Settings, project: str, filename: str, chunks: Iterable[bytes], purpose: str = "batch") -> FileInfo:
-    """Write the file as it streams in; FileTooLarge past `max_upload_bytes`, InputError for a bad name."""
+def store(settings: Settings, project: str, filename: str, chunks: Iterable[bytes], purpose: str = "batch",
+          max_bytes: int | None = None) -> FileInfo:
+    """Write the file as it streams in; FileTooLarge past `max_upload_bytes` (or `max_bytes`, when lower),
+    InputError for a bad name."""
+    limit = min(settings.max_upload_bytes, max_bytes if max_bytes is not None else settings.max_upload_bytes)
     if purpose not in PURPOSES:
         raise InputError("purpose", None, None, f"{purpose!r}: use one of {', '.join(PURPOSES)}")
     if not FILENAME.fullmatch(filename) or filename in (".", ".."):
@@ -56,8 +59,8 @@ def store(settings: Settings, project: str, filename: str, chunks: Iterable[byte
         session.flush()
         for seq, piece in enumerate(_pieces(chunks)):
             row.bytes += len(piece)
-            if row.bytes > settings.max_upload_bytes:
-                raise FileTooLarge(f"the file is larger than the limit of {settings.max_upload_bytes} bytes")
+            if row.bytes > limit:
+                raise FileTooLarge(f"the file is larger than the limit of {limit} bytes")
             session.add(FileChunk(file_id=row.id, seq=seq, data=piece))
             session.flush()  # one piece in memory at a time
     return _info(row)

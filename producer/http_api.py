@@ -8,7 +8,10 @@ Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Out
 are rendered from SQL when downloaded, streamed: `file-output-<batch id>`, `file-errors-<batch id>`.
 """
 
+import logging
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -19,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from producer import files, keys
+from producer import files, keys, quotas
 from producer.service import Service
 from schema import workers
 from schema.batch_object import BatchObject
@@ -28,6 +31,7 @@ from schema.kinds.embed import EMBEDDINGS_URL
 from schema.lines import CHAT_URL, COMPLETIONS_URL
 from schema.settings import Settings, get_settings, redact
 
+log = logging.getLogger("gristmill.api")
 KIND_OF_ENDPOINT = {CHAT_URL: "generate", COMPLETIONS_URL: "generate", EMBEDDINGS_URL: "embed"}
 OUTPUT, ERRORS = "file-output-", "file-errors-"
 UPLOAD_PIECE = 1 << 20
@@ -36,9 +40,10 @@ LOCAL_ENV = "GRISTMILL_SERVE_LOCAL"  # set by `gristmill serve` when bound to a 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -63,18 +68,34 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
     def caller(request: Request) -> Caller:
         header = request.headers.get("authorization", "")
         if local and not header and not keys.any_live(settings):
-            return Caller(None, "default")
-        found = keys.verify(settings, header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
-        if found is None:
-            raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
-                           "invalid_request_error", code="invalid_api_key")
-        return Caller(None if found.admin else found.project, found.project)
+            who = Caller(None, "default")
+        else:
+            found = keys.verify(settings, header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
+            if found is None:
+                raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
+                               "invalid_request_error", code="invalid_api_key")
+            who = Caller(None if found.admin else found.project, found.project)
+        _within(lambda: quotas.count_request(settings, who.home))
+        return who
 
     Who = Annotated[Caller, Depends(caller)]
 
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Any:
+        """Every response and log line carries a request id (the caller's X-Request-Id, else a new one)."""
+        rid = request.headers.get("x-request-id", "")[:64] or f"req_{uuid.uuid4().hex[:16]}"
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        log.info("%s %s %s -> %d in %.1f ms", rid, request.method, request.url.path, response.status_code,
+                 (time.perf_counter() - started) * 1000)
+        return response
+
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+        response = _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:  # a body that does not parse, 404, 405
@@ -102,8 +123,9 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
     def upload(who: Who, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
         # Starlette has spooled the multipart body to a temporary file; it goes to SQL a piece at a time.
         pieces = iter(lambda: file.file.read(UPLOAD_PIECE), b"")
+        room = _within(lambda: quotas.room_to_store(settings, who.home))
         try:
-            stored = files.store(settings, who.home, file.filename or "upload.jsonl", pieces, purpose)
+            stored = files.store(settings, who.home, file.filename or "upload.jsonl", pieces, purpose, room)
         except files.FileTooLarge as exc:
             raise ApiError(413, str(exc), code="file_too_large") from exc
         except InputError as exc:
@@ -142,6 +164,7 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
         if body.completion_window != "24h":
             raise ApiError(400, "completion_window must be 24h", param="completion_window")
         stored = _found(lambda: files.info(settings, who.project, body.input_file_id), param="input_file_id")
+        _within(lambda: quotas.check_queued(settings, stored.project, 0))
         view = service.scoped(stored.project)
         batch_id = _found(lambda: view.submit(files.content(settings, stored.project, stored.id), name=stored.id,
                                               task=kind, metadata=body.metadata, endpoint=body.endpoint,
@@ -202,6 +225,16 @@ def _found(call: Any, param: str | None = None) -> Any:
         raise ApiError(404, str(exc), param=param, code="not_found") from exc
     except GristmillError as exc:
         raise ApiError(400, str(exc), param=param) from exc
+
+
+def _within(call: Any) -> Any:
+    """The call's result; 429 with Retry-After when a project's limit is reached."""
+    try:
+        return call()
+    except quotas.OverLimit as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        raise ApiError(429, str(exc), "rate_limit_error" if exc.retry_after_s else "insufficient_quota",
+                       code="rate_limit_exceeded", headers=headers) from exc
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,

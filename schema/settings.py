@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(default=1_000_000, ge=1)
     max_items_per_batch: int = Field(default=100_000, ge=1)
     max_upload_bytes: int = Field(default=200 * 2**20, ge=1)  # a file uploaded to the HTTP API (OpenAI's: 200 MB)
+    # Per project of the HTTP API (0: no limit): requests a minute, items queued at once, bytes of files stored.
+    project_requests_per_minute: int = Field(default=600, ge=0)
+    project_queued_items: int = Field(default=1_000_000, ge=0)
+    project_stored_bytes: int = Field(default=10 * 2**30, ge=0)
     visibility_timeout_s: int = Field(default=3600, ge=60)
     chunk_time_limit_s: int = Field(default=1800, ge=10)
     max_attempts: int = Field(default=3, ge=1)  # an item that fails its engine this often is marked failed

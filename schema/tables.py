@@ -220,3 +220,14 @@ class FileChunk(Base):
     file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RequestCount(Base):
+    """Requests of one project of the HTTP API in one minute: a fixed-window rate limit every API
+    replica shares."""
+
+    __tablename__ = "request_counts"
+
+    project: Mapped[str] = mapped_column(String(128), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # Unix time // 60
+    count: Mapped[int] = mapped_column(Integer)

@@ -180,6 +180,7 @@ def test_uploads_that_are_refused(stack, tmp_path: Path) -> None:  # type: ignor
                          content=b"--zz\r\nnot a part")
     assert garbled.status_code == 400 and set(garbled.json()["error"]) == {"message", "type", "param", "code"}
     assert api.files.list().data == []  # nothing stored
+    assert sneaky.headers["x-request-id"] in (tmp_path / "serve.log").read_text()  # the log line of that request
 
 
 def test_serve_refuses_a_public_address_without_keys(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -188,3 +189,35 @@ def test_serve_refuses_a_public_address_without_keys(sqlite_url: str, settings_f
                            str(free_port())], env=cli_env(settings), cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 1 and "no API key exists" in proc.stderr
+
+
+def test_project_limits(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Requests a minute (429 with Retry-After) and bytes stored, per project, shared through SQL."""
+    settings = settings_for(sqlite_url, project_requests_per_minute=6, project_stored_bytes=5_000)
+    prepare_schema(sqlite_url)
+    key, other = keys.create(settings, "a", "a"), keys.create(settings, "b", "b")
+    port = free_port()
+    proc = start(["serve", "--port", str(port)], settings, tmp_path, "serve.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: answers(base + "/healthz"), 60, "the API did not start")
+        api = client(base + "/v1", key)
+        first = api.files.create(file=("a.jsonl", b"x" * 3_000), purpose="batch")
+        with pytest.raises(openai.APIStatusError) as full:  # 3,000 + 3,000 bytes pass the project's 5,000
+            api.files.create(file=("b.jsonl", b"x" * 3_000), purpose="batch")
+        assert full.value.status_code == 413
+        api.files.delete(first.id)
+        api.files.create(file=("c.jsonl", b"x" * 3_000), purpose="batch")  # room again
+        api.files.list()  # the 6th request this minute (unless the minute turned: then fewer counted)
+        limited = None
+        for _ in range(7):
+            response = httpx.get(base + "/v1/files", headers={"Authorization": f"Bearer {key}"})
+            if response.status_code == 429:
+                limited = response
+                break
+        assert limited is not None, "no request was limited"
+        assert limited.json()["error"]["type"] == "rate_limit_error" and 1 <= int(limited.headers["Retry-After"]) <= 60
+        assert client(base + "/v1", other).files.list().data == []  # another project has its own count
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

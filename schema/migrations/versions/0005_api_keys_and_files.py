@@ -1,4 +1,4 @@
-"""API keys, files and batch projects of the HTTP API
+"""API keys, files, batch projects and request counts of the HTTP API
 
 Revision ID: 0005
 Revises: 0004
@@ -47,6 +47,13 @@ def upgrade() -> None:
     )
     op.create_index("ix_files_project_created", "files", ["project", "created_at"], unique=False)
     op.create_table(
+        "request_counts",
+        sa.Column("project", sa.String(length=128), nullable=False),
+        sa.Column("minute", sa.BigInteger(), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("project", "minute"),
+    )
+    op.create_table(
         "file_chunks",
         sa.Column("file_id", sa.String(length=64), nullable=False),
         sa.Column("seq", sa.Integer(), nullable=False),
@@ -58,6 +65,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("file_chunks")
+    op.drop_table("request_counts")
     op.drop_index("ix_files_project_created", table_name="files")
     op.drop_table("files")
     op.drop_table("api_keys")
