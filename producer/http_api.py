@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -113,10 +113,16 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        try:
-            service.list_batches(limit=1)
-        except Exception as exc:  # noqa: BLE001  # any failure means not ready; say which service
-            return JSONResponse({"status": "unavailable", "database": redact(str(exc))[:200]}, status_code=503)
+        """Ready when the database answers and the broker takes a connection."""
+        checks: dict[str, Callable[[], object]] = {
+            "database": lambda: service.list_batches(limit=1),
+            "broker": lambda: _connect(service.queue),
+        }
+        for name, check in checks.items():
+            try:
+                check()
+            except Exception as exc:  # noqa: BLE001  # any failure means not ready; say which service
+                return JSONResponse({"status": "unavailable", name: redact(str(exc))[:200]}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.post("/v1/files")
@@ -225,6 +231,11 @@ def _found(call: Any, param: str | None = None) -> Any:
         raise ApiError(404, str(exc), param=param, code="not_found") from exc
     except GristmillError as exc:
         raise ApiError(400, str(exc), param=param) from exc
+
+
+def _connect(queue: Any) -> None:
+    with queue.connection() as conn:
+        conn.ensure_connection(max_retries=1)
 
 
 def _within(call: Any) -> Any:

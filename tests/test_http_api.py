@@ -216,8 +216,21 @@ def test_project_limits(sqlite_url: str, settings_for, tmp_path: Path) -> None: 
                 limited = response
                 break
         assert limited is not None, "no request was limited"
+        assert httpx.get(base + "/readyz").json() == {"status": "ready"}
         assert limited.json()["error"]["type"] == "rate_limit_error" and 1 <= int(limited.headers["Retry-After"]) <= 60
         assert client(base + "/v1", other).files.list().data == []  # another project has its own count
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_not_ready_while_the_broker_is_away(sqlite_url: str, settings_for) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from producer.http_api import create_app
+
+    settings = settings_for(sqlite_url, "redis://:hunter2@127.0.0.1:1/0")
+    with TestClient(create_app(settings, local=True)) as api:
+        assert api.get("/healthz").status_code == 200
+        answer = api.get("/readyz")
+    assert answer.status_code == 503 and "broker" in answer.json() and "hunter2" not in answer.text
