@@ -8,12 +8,14 @@ Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Out
 are rendered from SQL when downloaded, streamed: `file-output-<batch id>`, `file-errors-<batch id>`.
 """
 
+import hashlib
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
@@ -26,6 +28,7 @@ from producer import files, keys, quotas
 from producer.service import Service
 from schema import workers
 from schema.batch_object import BatchObject
+from schema.db import utcnow
 from schema.errors import BatchNotFound, BatchStateError, GristmillError, InputError
 from schema.kinds.embed import EMBEDDINGS_URL
 from schema.lines import CHAT_URL, COMPLETIONS_URL
@@ -35,6 +38,9 @@ log = logging.getLogger("gristmill.api")
 KIND_OF_ENDPOINT = {CHAT_URL: "generate", COMPLETIONS_URL: "generate", EMBEDDINGS_URL: "embed"}
 OUTPUT, ERRORS = "file-output-", "file-errors-"
 UPLOAD_PIECE = 1 << 20
+IDEMPOTENCY_KEY_CHARS = 120
+IDEMPOTENCY_KEYS_KEPT = timedelta(days=1)
+SDK_RETRIES_WITHIN = timedelta(minutes=10)  # the SDK's retries of one call end within seconds
 LOCAL_ENV = "GRISTMILL_SERVE_LOCAL"  # set by `gristmill serve` when bound to a loopback address
 
 
@@ -50,6 +56,7 @@ class ApiError(Exception):
 class Caller:
     project: str | None  # None: every project (an admin key, or no keys on a laptop)
     home: str  # where its files and batches are created
+    key: str  # the API key's name ("" without keys)
 
 
 class CreateBatch(BaseModel):
@@ -68,13 +75,13 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
     def caller(request: Request) -> Caller:
         header = request.headers.get("authorization", "")
         if local and not header and not keys.any_live(settings):
-            who = Caller(None, "default")
+            who = Caller(None, "default", "")
         else:
             found = keys.verify(settings, header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
             if found is None:
                 raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
                                "invalid_request_error", code="invalid_api_key")
-            who = Caller(None if found.admin else found.project, found.project)
+            who = Caller(None if found.admin else found.project, found.project, found.name)
         _within(lambda: quotas.count_request(settings, who.home))
         return who
 
@@ -162,19 +169,23 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
         return {"id": file_id, "object": "file", "deleted": True}
 
     @app.post("/v1/batches")
-    def create_batch(who: Who, body: CreateBatch) -> dict[str, Any]:
+    def create_batch(who: Who, body: CreateBatch, request: Request) -> dict[str, Any]:
         kind = KIND_OF_ENDPOINT.get(body.endpoint)
         if kind is None:
             raise ApiError(400, f"endpoint {body.endpoint!r} is not supported; use one of "
                                 f"{', '.join(KIND_OF_ENDPOINT)}", param="endpoint")
         if body.completion_window != "24h":
             raise ApiError(400, "completion_window must be 24h", param="completion_window")
+        request_key, since = _request_key(who, body, request.headers)
+        mine = service.scoped(who.project)
+        if since is not None and (earlier := mine.find_request(request_key, since)):
+            return _batch(mine.status(earlier))  # a retry whose first attempt made the batch (its answer was lost)
         stored = _found(lambda: files.info(settings, who.project, body.input_file_id), param="input_file_id")
         _within(lambda: quotas.check_queued(settings, stored.project, 0))
         view = service.scoped(stored.project)
         batch_id = _found(lambda: view.submit(files.content(settings, stored.project, stored.id), name=stored.id,
                                               task=kind, metadata=body.metadata, endpoint=body.endpoint,
-                                              record_invalid=True))
+                                              record_invalid=True, request_key=request_key))
         return _batch(view.status(batch_id))
 
     @app.get("/v1/batches")
@@ -221,6 +232,22 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
                 yield record.line.model_dump_json().encode() + b"\n"
 
     return app
+
+
+def _request_key(who: Caller, body: CreateBatch, headers: Any) -> tuple[str, datetime | None]:
+    """What a retry of this create is known by, and since when to look for its first attempt (None: this
+    is no retry). An Idempotency-Key header holds for a day. Without one, the caller's key and the body's
+    digest, looked up only on a retry: OpenAI's SDKs send no idempotency key but count their retries in
+    x-stainless-retry-count, so a first attempt always creates and only a retry returns an earlier batch."""
+    given = headers.get("idempotency-key")
+    if given is not None:
+        if not 0 < len(given) <= IDEMPOTENCY_KEY_CHARS:
+            raise ApiError(400, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_CHARS} characters",
+                           param="Idempotency-Key")
+        return f"key:{given}", utcnow() - IDEMPOTENCY_KEYS_KEPT
+    digest = hashlib.sha256(f"{who.key}\n{body.model_dump_json()}".encode()).hexdigest()
+    retried = headers.get("x-stainless-retry-count", "0") not in ("", "0")
+    return f"body:{digest}", utcnow() - SDK_RETRIES_WITHIN if retried else None
 
 
 def _found(call: Any, param: str | None = None) -> Any:

@@ -15,6 +15,7 @@ import copy
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -71,7 +72,8 @@ class Service:
 
     def submit(self, source: Source, *, name: str | None = None, task: str = "generate", model: str | None = None,
                metadata: dict[str, Any] | None = None, completion_window: str = "24h", check_workers: bool = True,
-               endpoint: str | None = None, record_invalid: bool = False, **options: Any) -> str:
+               endpoint: str | None = None, record_invalid: bool = False, request_key: str | None = None,
+               **options: Any) -> str:
         """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
         (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
         InputError naming the source, line and field, and nothing is written; with `record_invalid`
@@ -88,7 +90,7 @@ class Service:
         name = name or (str(source) if isinstance(source, (str, Path)) else "<input>")
         batch_id = new_batch_id()
         new = NewBatch(kind.name, model, self.project or "default", spec.model_dump(), name, metadata or {},
-                       window_s)
+                       window_s, request_key)
         try:
             with open_source(source, name) as stream:
                 items = kind.parse(stream, name, spec, limits)
@@ -114,6 +116,15 @@ class Service:
         if served is not None and kind not in served:
             raise NotServed(f"no live worker of model {model!r} runs task {kind!r}; they run "
                             f"{', '.join(sorted(served)) or 'nothing'}")
+
+    def find_request(self, request_key: str, since: datetime) -> str | None:
+        """The newest batch submitted with `request_key` since then, if any (a retried request's first try)."""
+        query = (select(Batch.id).where(Batch.request_key == request_key, Batch.created_at >= since)
+                 .order_by(Batch.created_at.desc()).limit(1))
+        if self.project is not None:
+            query = query.where(Batch.project == self.project)
+        with self._sessions() as session:
+            return session.scalar(query)
 
     def waiting_for_worker(self, model: str | None = None) -> bool:
         """True when no live worker runs `model` (the default model): its batches wait in the queue."""

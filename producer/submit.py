@@ -40,6 +40,7 @@ class NewBatch:
     input_file: str
     metadata: dict[str, Any]
     window_s: int
+    request_key: str | None = None  # see Batch.request_key
 
 
 def new_batch_id() -> str:
@@ -66,7 +67,7 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
         status=BatchStatus.in_progress, input_file=new.input_file, metadata_=new.metadata, errors=[],
         total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
         completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
-        created_at=now, in_progress_at=now,
+        created_at=now, in_progress_at=now, request_key=new.request_key,
     )
     rows = (_item_row(batch_id, item, now) for item in items)
     with get_sessionmaker(settings.database_url)() as session, session.begin():
@@ -89,7 +90,8 @@ def store_invalid(settings: Settings, batch_id: str, new: NewBatch, endpoint: st
             id=batch_id, kind=new.kind, project=new.project, endpoint=endpoint, model=new.model, params=new.params,
             status=BatchStatus.failed, input_file=new.input_file, metadata_=new.metadata, errors=errors, total=0,
             succeeded=0, failed=0, cancelled=0, expired=0, completion_window_s=new.window_s,
-            expires_at=now + timedelta(seconds=new.window_s), created_at=now, failed_at=now))
+            expires_at=now + timedelta(seconds=new.window_s), created_at=now, failed_at=now,
+            request_key=new.request_key))
 
 
 ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",

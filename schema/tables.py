@@ -36,6 +36,7 @@ class Batch(Base):
     """A submitted input file: its job parameters, state (with a timestamp per state) and counts."""
 
     __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_project_request_key", "project", "request_key"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))  # schema.kinds: generate, classify, extract, embed
@@ -62,6 +63,9 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(Timestamp)
     cancelling_at: Mapped[datetime | None] = mapped_column(Timestamp)
     cancelled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # what made it through the HTTP API (an Idempotency-Key, or the create request's digest), so a retried
+    # create finds the batch its first attempt made instead of making a second
+    request_key: Mapped[str | None] = mapped_column(String(128))
 
 
 class Item(Base):

@@ -4,12 +4,15 @@ holds chunks running so a cancel lands mid-batch)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -55,7 +58,7 @@ def start(args: list[str], settings: Settings, tmp_path: Path, log: str) -> subp
 
 
 @pytest.fixture
-def stack(sqlite_url: str, settings_for, tmp_path: Path) -> Iterator[tuple[Settings, str, dict[str, str]]]:  # type: ignore[no-untyped-def]
+def stack(sqlite_url: str, settings_for, tmp_path: Path) -> Iterator[tuple[Settings, str, dict[str, str], str]]:  # type: ignore[no-untyped-def]
     """A worker and `gristmill serve` on one SQLite database and the embedded broker; keys of two projects."""
     settings = settings_for(sqlite_url, reconcile_interval_s=2, max_upload_bytes=20_000)
     prepare_schema(sqlite_url)
@@ -68,7 +71,7 @@ def stack(sqlite_url: str, settings_for, tmp_path: Path) -> Iterator[tuple[Setti
     try:
         base = f"http://127.0.0.1:{port}"
         for url in (base, f"http://127.0.0.1:{second}"):
-            wait_until(lambda url=url: answers(url + "/healthz"), 60, "the API did not start")
+            wait_until(functools.partial(answers, url + "/healthz"), 60, "the API did not start")
 
         def worker_up() -> bool:
             with get_sessionmaker(sqlite_url)() as session:
@@ -181,6 +184,57 @@ def test_uploads_that_are_refused(stack, tmp_path: Path) -> None:  # type: ignor
     assert garbled.status_code == 400 and set(garbled.json()["error"]) == {"message", "type", "param", "code"}
     assert api.files.list().data == []  # nothing stored
     assert sneaky.headers["x-request-id"] in (tmp_path / "serve.log").read_text()  # the log line of that request
+
+
+class LosingProxy(ThreadingHTTPServer):
+    """A load balancer in front of the API that passes the first batch create on but answers it 502, as
+    when the API made the batch and its response was lost; every other request passes through."""
+
+    def __init__(self, upstream: str) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = httpx.request(self.command, upstream + self.path, headers=headers, content=body, timeout=60)
+                lose = self.command == "POST" and self.path.endswith("/batches") and not proxy.lost
+                proxy.lost |= lose
+                status, content = (502, b"bad gateway") if lose else (answer.status_code, answer.content)
+                self.send_response(status)
+                self.send_header("content-type", answer.headers.get("content-type", "text/plain"))
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_DELETE = forward
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        proxy = self
+        self.lost = False
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_retried_create_makes_one_batch(stack) -> None:  # type: ignore[no-untyped-def]
+    """The SDK retries a create whose answer was a 5xx; the API recognises the retry (the SDK sends no
+    idempotency key, but counts its retries) and returns the batch the first attempt made."""
+    _, base, made, _ = stack
+    proxy = LosingProxy(base.removesuffix("/v1"))
+    try:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.server_port}/v1", api_key=made["a"], max_retries=2)
+        uploaded = api.files.create(file=QUESTIONS.open("rb"), purpose="batch")
+        batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert proxy.lost  # the first attempt made a batch and its answer was lost
+        assert [b.id for b in api.batches.list()] == [batch.id]  # the retry made none
+        again = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert again.id != batch.id  # a new request (no retry) is a new batch
+        keyed = [api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h", extra_headers={"Idempotency-Key": "nightly-1"}).id
+                 for _ in range(2)]
+        assert keyed[0] == keyed[1] and len(api.batches.list().data) == 3
+    finally:
+        proxy.shutdown()
 
 
 def test_serve_refuses_a_public_address_without_keys(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
