@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument("--with-worker", action="store_true",
+                       help="also run a gristmill worker, started and stopped with the API (one machine, no setup)")
+    serve.add_argument("--model", help="--with-worker: the worker's model")
+    serve.add_argument("--engine", help="--with-worker: the worker's engine")
     keys = sub.add_parser("keys", help="API keys of the HTTP API").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="a new key; printed once, stored hashed")
     create.add_argument("--name", required=True)
@@ -254,15 +260,31 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     prepare_schema(settings.database_url)
     local = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
-    if not local and not keys.any_live(settings):
+    keyed = keys.any_live(settings)
+    if not local and not keyed:
         raise GristmillError(f"no API key exists: create one (gristmill keys create --name NAME) before serving on "
                              f"{args.host}; without keys the API serves 127.0.0.1 only")
     os.environ[http_api.LOCAL_ENV] = "1" if local else "0"  # read by each uvicorn worker's app
-    print(f"gristmill API on http://{args.host}:{args.port}/v1 ({'no key needed until one exists' if local else 'keys required'}); "
+    print(f"gristmill API on http://{args.host}:{args.port}/v1 ({'keys required' if keyed else 'no key needed until one exists'}); "
           f"database {redact(settings.database_url)}", file=sys.stderr)
-    uvicorn.run("producer.http_api:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level="info", timeout_graceful_shutdown=30)
+    worker = _worker_process(args) if args.with_worker else None
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: exit through `finally`, not die there
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:  # uvicorn's access log is off: the API logs every request itself, with its request id
+        uvicorn.run("producer.http_api:app_from_env", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level="info", access_log=False, timeout_graceful_shutdown=30)
+    finally:
+        if worker is not None:
+            worker.terminate()  # a warm shutdown: running chunks finish or go back to the queue
+            worker.wait(timeout=120)
     return 0
+
+
+def _worker_process(args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """`gristmill worker` next to the API, on the same settings (its own process: Celery and vLLM want
+    a main thread); its log lines go where the API's go."""
+    options = [*(["--model", args.model] if args.model else []), *(["--engine", args.engine] if args.engine else [])]
+    return subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING", *options])
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,6 +8,7 @@ Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Out
 are rendered from SQL when downloaded, streamed: `file-output-<batch id>`, `file-errors-<batch id>`.
 """
 
+import functools
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ log = logging.getLogger("gristmill.api")
 KIND_OF_ENDPOINT = {CHAT_URL: "generate", COMPLETIONS_URL: "generate", EMBEDDINGS_URL: "embed"}
 OUTPUT, ERRORS = "file-output-", "file-errors-"
 UPLOAD_PIECE = 1 << 20
+MULTIPART_ENVELOPE = 64 << 10  # room for the multipart boundaries, part headers and the purpose field
 IDEMPOTENCY_KEY_CHARS = 120
 IDEMPOTENCY_KEYS_KEPT = timedelta(days=1)
 SDK_RETRIES_WITHIN = timedelta(minutes=10)  # the SDK's retries of one call end within seconds
@@ -66,15 +68,49 @@ class CreateBatch(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
 
+class UploadLimit:
+    """413 for an upload past the size limit while its bytes arrive, before Starlette spools the multipart
+    body to a temporary file: at once when its Content-Length says so, else when the bytes received pass
+    it. (producer.files enforces the exact limit on the file itself; this bounds the multipart envelope.)"""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit + MULTIPART_ENVELOPE
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/files"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse()(scope, receive, send)
+        received = 0
+
+        async def counting() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # raised inside the body's parsing: FastAPI passes HTTPException on
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counting, send)
+
+    def _refuse(self) -> JSONResponse:
+        return _error(413, self._message(), code="file_too_large")
+
+    def _message(self) -> str:
+        return f"the upload is larger than {self.limit - MULTIPART_ENVELOPE} bytes (GRISTMILL_MAX_UPLOAD_BYTES)"
+
+
 def create_app(settings: Settings, local: bool = False) -> FastAPI:
     """The API over these settings; `local`: bound to 127.0.0.1, where requests need no key for as long
     as no key exists (one person's laptop)."""
     app = FastAPI(title="gristmill", docs_url=None, redoc_url=None)
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
     service = Service(settings)
 
     def caller(request: Request) -> Caller:
         header = request.headers.get("authorization", "")
-        if local and not header and not keys.any_live(settings):
+        if local and not keys.any_live(settings):  # any key or none: an SDK always sends one
             who = Caller(None, "default", "")
         else:
             found = keys.verify(settings, header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
@@ -106,7 +142,7 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:  # a body that does not parse, 404, 405
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), code="file_too_large" if exc.status_code == 413 else None)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -181,11 +217,11 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
         if since is not None and (earlier := mine.find_request(request_key, since)):
             return _batch(mine.status(earlier))  # a retry whose first attempt made the batch (its answer was lost)
         stored = _found(lambda: files.info(settings, who.project, body.input_file_id), param="input_file_id")
-        _within(lambda: quotas.check_queued(settings, stored.project, 0))
         view = service.scoped(stored.project)
-        batch_id = _found(lambda: view.submit(files.content(settings, stored.project, stored.id), name=stored.id,
-                                              task=kind, metadata=body.metadata, endpoint=body.endpoint,
-                                              record_invalid=True, request_key=request_key))
+        admit = functools.partial(quotas.check_queued, settings, stored.project)  # 429 past the project's queue
+        batch_id = _within(lambda: _found(lambda: view.submit(
+            files.content(settings, stored.project, stored.id), name=stored.id, task=kind, metadata=body.metadata,
+            endpoint=body.endpoint, record_invalid=True, request_key=request_key, admit=admit)))
         return _batch(view.status(batch_id))
 
     @app.get("/v1/batches")
@@ -256,6 +292,8 @@ def _found(call: Any, param: str | None = None) -> Any:
         return call()
     except (files.FileNotFound, BatchNotFound) as exc:
         raise ApiError(404, str(exc), param=param, code="not_found") from exc
+    except quotas.OverLimit:
+        raise  # _within's to answer (429)
     except GristmillError as exc:
         raise ApiError(400, str(exc), param=param) from exc
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -73,7 +73,7 @@ class Service:
     def submit(self, source: Source, *, name: str | None = None, task: str = "generate", model: str | None = None,
                metadata: dict[str, Any] | None = None, completion_window: str = "24h", check_workers: bool = True,
                endpoint: str | None = None, record_invalid: bool = False, request_key: str | None = None,
-               **options: Any) -> str:
+               admit: Callable[[int], None] | None = None, **options: Any) -> str:
         """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
         (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
         InputError naming the source, line and field, and nothing is written; with `record_invalid`
@@ -105,6 +105,8 @@ class Service:
             error = {"code": "invalid_request", "message": exc.message, "param": exc.field, "line": exc.line}
             store_invalid(self.settings, batch_id, new, endpoint or "", [error])
             return batch_id
+        if admit is not None:
+            admit(len(items))
         store_batch(self.settings, batch_id, new, items)
         enqueue(self.settings, self.queue, batch_id, model, kind.name)
         return batch_id

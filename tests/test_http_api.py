@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from openai.types.chat import ChatCompletion
 from sqlalchemy import select
@@ -246,8 +247,9 @@ def test_serve_refuses_a_public_address_without_keys(sqlite_url: str, settings_f
 
 
 def test_project_limits(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Requests a minute (429 with Retry-After) and bytes stored, per project, shared through SQL."""
-    settings = settings_for(sqlite_url, project_requests_per_minute=6, project_stored_bytes=5_000)
+    """Requests a minute (429 with Retry-After), bytes stored and items queued, per project, shared through SQL."""
+    settings = settings_for(sqlite_url, project_requests_per_minute=9, project_stored_bytes=5_000,
+                            project_queued_items=20)
     prepare_schema(sqlite_url)
     key, other = keys.create(settings, "a", "a"), keys.create(settings, "b", "b")
     port = free_port()
@@ -261,8 +263,14 @@ def test_project_limits(sqlite_url: str, settings_for, tmp_path: Path) -> None: 
             api.files.create(file=("b.jsonl", b"x" * 3_000), purpose="batch")
         assert full.value.status_code == 413
         api.files.delete(first.id)
-        api.files.create(file=("c.jsonl", b"x" * 3_000), purpose="batch")  # room again
-        api.files.list()  # the 6th request this minute (unless the minute turned: then fewer counted)
+        third = api.files.create(file=("c.jsonl", b"x" * 3_000), purpose="batch")  # room again
+        api.files.delete(third.id)
+        questions = api.files.create(file=QUESTIONS.open("rb"), purpose="batch")  # 16 lines: no worker runs them
+        api.batches.create(input_file_id=questions.id, endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.RateLimitError) as queue_full:  # 16 queued + 16 pass the project's 20
+            api.batches.create(input_file_id=questions.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert "16 items queued" in queue_full.value.message
+        assert len(api.batches.list().data) == 1  # the refused batch was not stored
         limited = None
         for _ in range(7):
             response = httpx.get(base + "/v1/files", headers={"Authorization": f"Bearer {key}"})
@@ -288,3 +296,52 @@ def test_not_ready_while_the_broker_is_away(sqlite_url: str, settings_for) -> No
         assert api.get("/healthz").status_code == 200
         answer = api.get("/readyz")
     assert answer.status_code == 503 and "broker" in answer.json() and "hunter2" not in answer.text
+
+
+def test_an_endless_upload_is_refused_as_it_arrives(sqlite_url: str, settings_for) -> None:  # type: ignore[no-untyped-def]
+    """The app itself over ASGI, fed a multipart body that never ends and no Content-Length: it answers
+    413 once the limit has passed, having read only that much (before any temporary file is written)."""
+    import asyncio
+
+    from producer.http_api import MULTIPART_ENVELOPE, create_app
+
+    settings = settings_for(sqlite_url, max_upload_bytes=100_000)
+    app = create_app(settings, local=True)
+    head = (b'--zz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--zz\r\n'
+            b'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n')
+    received, sent = [0], []
+
+    async def receive() -> dict[str, object]:
+        received[0] += 1
+        return {"type": "http.request", "body": head if received[0] == 1 else b"x" * 8192, "more_body": True}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=zz")], "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["error"]["code"] == "file_too_large"  # type: ignore[arg-type]
+    assert received[0] * 8192 <= 100_000 + MULTIPART_ENVELOPE + 2 * 8192  # read no further than the limit
+
+
+def test_serve_with_worker_on_the_embedded_defaults(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A laptop: no keys, SQLite and the filesystem broker, `serve --with-worker`; the SDK (which always
+    sends some key) runs a batch, and stopping serve stops its worker."""
+    settings = settings_for(sqlite_url)
+    port = free_port()
+    proc = start(["serve", "--port", str(port), "--with-worker", "--engine", HOLDING], settings, tmp_path, "serve.log")
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 60, "the API did not start")
+        api = client(f"http://127.0.0.1:{port}/v1", "sk-anything")
+        uploaded = api.files.create(file=QUESTIONS.open("rb"), purpose="batch")
+        batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert run_to_end(api, batch.id).status == "completed"
+        worker = psutil.Process(proc.pid).children(recursive=True)  # the worker (Celery retitles it)
+        assert worker
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    assert not [(p, p.status()) for p in worker if p.is_running()]
