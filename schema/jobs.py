@@ -18,13 +18,15 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """Structured output (OpenAI's response_format): any JSON object, or one matching `json_schema`.
-    Engines constrain decoding to it; the worker parses and validates every answer against it."""
+    """Structured output: any JSON object, one matching `json_schema` (OpenAI's response_format), or
+    exactly one of `choice` (vLLM's structured_outputs.choice: classification through a chat request).
+    Engines constrain decoding to it; the worker validates every answer against it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["json_object", "json_schema"]
+    type: Literal["json_object", "json_schema", "choice"]
     json_schema: dict[str, Any] | None = None  # the JSON schema itself (type json_schema)
     name: str | None = None
+    choice: tuple[str, ...] | None = None  # the answers allowed (type choice)
 
 
 class SamplingParams(BaseModel):

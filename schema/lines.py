@@ -26,6 +26,7 @@ MaxTokens = Annotated[int, Field(ge=1, le=32768)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # engines hand seeds to 64-bit RNGs
+Choices = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2, max_length=1000)]
 
 
 class InputMessage(BaseModel):
@@ -84,6 +85,14 @@ class ResponseFormatBody(BaseModel):
                               name=schema.name if schema else None)
 
 
+class StructuredOutputsBody(BaseModel):
+    """vLLM's structured_outputs extension of a request body; gristmill takes its `choice`: the answer is
+    exactly one of these strings (classification through the OpenAI endpoints)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")  # regex, grammar, ...: refused by name
+    choice: Choices
+
+
 class RequestBody(BaseModel):
     """Fields both endpoints share; unknown keys (logprobs, user, metadata, ...) are ignored."""
 
@@ -98,6 +107,15 @@ class RequestBody(BaseModel):
     stream: bool | None = None
     n: Annotated[int, Field(ge=1)] | None = None
     response_format: ResponseFormatBody | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_choice: Choices | None = None  # vLLM's name for structured_outputs.choice before 0.11
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> RequestBody:
+        given = [f for f in ("response_format", "structured_outputs", "guided_choice") if getattr(self, f)]
+        if len(given) > 1:
+            raise ValueError(f"give one of {' and '.join(given)}")
+        return self
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -120,13 +138,20 @@ class RequestBody(BaseModel):
             "top_p": self.top_p,
             "stop": self.stop,
             "seed": self.seed,
-            "response_format": self.response_format.to_format() if self.response_format else None,
+            "response_format": self._format(),
         }
         # null, like absent, means the job's default
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if overrides.get("stop") == []:
             overrides["stop"] = None  # an explicit [] clears the job's stop strings
         return overrides
+
+
+    def _format(self) -> ResponseFormat | None:
+        choice = self.structured_outputs.choice if self.structured_outputs else self.guided_choice
+        if choice is not None:
+            return ResponseFormat(type="choice", choice=tuple(choice))
+        return self.response_format.to_format() if self.response_format else None
 
 
 class ChatBody(RequestBody):

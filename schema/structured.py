@@ -59,6 +59,10 @@ def _resolves(schema: dict[str, Any], pointer: str) -> bool:
 
 def check_answer(text: str, fmt: ResponseFormat) -> tuple[ErrorCode, str] | None:
     """None when `text` is what `fmt` asks for; else the error code and a message that keeps the text."""
+    if fmt.choice is not None:
+        if text in fmt.choice:
+            return None
+        return ErrorCode.schema_mismatch, f"the answer is none of the choices {list(fmt.choice)}; raw answer: {text}"
     try:
         value = json.loads(text)
     except ValueError as exc:

@@ -136,6 +136,48 @@ def test_unfollowable_answers_fail_alone(sqlite_url: str, settings_for, tmp_path
     jsonschema.validate(found["person"], PERSON)
 
 
+def test_classification_through_chat_lines(sqlite_url: str, settings_for, tmp_path: Path,
+                                           engine: tuple[Any, EngineLoop]) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's structured_outputs.choice (and its older guided_choice) in an OpenAI chat line: the answer is
+    exactly one of the choices, as the HTTP API's clients classify."""
+    settings = settings_for(sqlite_url)
+    labels = ["billing", "bug report", "feature request"]
+    texts = {"refund": "I was charged twice this month, please refund me.",
+             "crash": "The app crashes when I open the settings page.",
+             "dark": "Please add a dark mode (it would be nice)."}
+
+    def line(custom_id: str, text: str, constraint: dict[str, Any]) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": f"Is this ticket about billing, a bug report or "
+                                                                  f"a feature request? {text}"}],
+                         "max_tokens": 24, **constraint}}  # room for the longest choice, however it is tokenised
+
+    batch = write_lines(tmp_path / "in.jsonl", [
+        line(c, t, {"structured_outputs": {"choice": labels}} if c != "dark" else {"guided_choice": labels})
+        for c, t in texts.items()])
+    handle = api.submit(batch, settings=settings)
+    items = run_batch(settings, handle, engine)
+    assert {c: (i.error_code, i.last_error) for c, i in items.items()} == dict.fromkeys(texts, (None, None))
+    contents = {r.line.custom_id: r.line.response.body.choices[0].message.content  # type: ignore[attr-defined]
+                for r in handle.output()}
+    assert set(contents) == set(texts) and set(contents.values()) <= set(labels)
+
+
+@pytest.mark.parametrize(("constraint", "message"), [
+    ({"structured_outputs": {"choice": ["a", "b"], "regex": "[a-z]+"}}, "structured_outputs.regex"),
+    ({"guided_choice": ["only one"]}, "guided_choice"),
+    ({"guided_choice": ["a", "b"], "response_format": {"type": "json_object"}}, "give one of response_format and"),
+])
+def test_unusable_choices_are_refused(constraint: dict[str, Any], message: str, sqlite_url: str,  # type: ignore[no-untyped-def]
+                                      settings_for, tmp_path: Path) -> None:
+    lines = write_lines(tmp_path / "in.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                                  "body": {"messages": [{"role": "user", "content": "x"}],
+                                                           **constraint}}])
+    with pytest.raises(InputError, match=message) as refused:
+        api.submit(lines, settings=settings_for(sqlite_url))
+    assert refused.value.line == 1
+
+
 @pytest.mark.parametrize(("schema", "message"), [
     ({"type": "array", "items": {"type": "string"}}, 'top level needs "type": "object"'),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "does not point inside the schema"),

@@ -1,5 +1,6 @@
-"""Structured output for the transformers engine: lm-format-enforcer's JSON schema parser turned into
-transformers' `prefix_allowed_tokens_fn`, so decoding can only produce what the schema allows.
+"""Structured output for the transformers engine: lm-format-enforcer's JSON schema parser (or, for a
+choice, its regex parser) turned into transformers' `prefix_allowed_tokens_fn`, so decoding can only
+produce what the schema allows.
 
 lm-format-enforcer's own transformers integration imports a path transformers 5 removed, so this
 builds its tokenizer data the same way from the core API (once per engine: it decodes the vocabulary).
@@ -8,10 +9,11 @@ builds its tokenizer data the same way from the core API (once per engine: it de
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
-from lmformatenforcer import JsonSchemaParser
+from lmformatenforcer import JsonSchemaParser, RegexParser
 from lmformatenforcer.exceptions import LMFormatEnforcerException as UnsupportedSchema
 from lmformatenforcer.tokenenforcer import TokenEnforcer, TokenEnforcerTokenizerData
 from transformers import PreTrainedTokenizerBase
@@ -42,7 +44,9 @@ def _decode(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
 def allowed_tokens_fn(data: TokenEnforcerTokenizerData, fmt: ResponseFormat) -> Callable[[int, Any], list[int]]:
     """prefix_allowed_tokens_fn for model.generate: one enforcer for the whole batch (it keys its state
     by each row's tokens so far, so rows of one batch do not mix)."""
-    enforcer = TokenEnforcer(data, JsonSchemaParser(fmt.json_schema))  # None: any JSON object
+    parser = (RegexParser("|".join(re.escape(c) for c in fmt.choice)) if fmt.choice is not None
+              else JsonSchemaParser(fmt.json_schema))  # json_schema None: any JSON object
+    enforcer = TokenEnforcer(data, parser)
 
     def allowed(batch_id: int, sent: Any) -> list[int]:
         return list(enforcer.get_allowed_tokens(sent.tolist()).allowed_tokens)

@@ -297,7 +297,8 @@ def _sampling_params(request: GenerationRequest) -> vllm.SamplingParams:
     sampling = request.sampling
     fmt = sampling.response_format
     structured = None if fmt is None else (  # vLLM's structured outputs (xgrammar) constrain decoding
-        StructuredOutputsParams(json=fmt.json_schema) if fmt.json_schema is not None
+        StructuredOutputsParams(choice=list(fmt.choice)) if fmt.choice is not None
+        else StructuredOutputsParams(json=fmt.json_schema) if fmt.json_schema is not None
         else StructuredOutputsParams(json_object=True))
     return SamplingParams(
         max_tokens=sampling.max_tokens,
