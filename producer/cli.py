@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from producer import api
+from producer import api, schedule_cli
 from producer.progress import ProgressPrinter
 from schema import kinds
 from schema.errors import GristmillError, InputError
@@ -89,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     keys.add_parser("list", help="every key (never the key itself)")
     revoke = keys.add_parser("revoke", help="a revoked key is refused from now on")
     revoke.add_argument("name")
+    schedule_cli.add_commands(sub)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations")
     return root
@@ -308,7 +310,15 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
             "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "models": cmd_models, "db": cmd_db,
-            "reconcile": cmd_reconcile, "keys": cmd_keys, "serve": cmd_serve}
+            "reconcile": cmd_reconcile, "keys": cmd_keys, "serve": cmd_serve,
+            "beat": schedule_cli.cmd_beat,
+            "schedule": lambda args, settings: schedule_cli.cmd_schedule(args, settings, _worker_until)}
+
+
+def _worker_until(settings: Settings, model: str | None, done: Callable[[], bool]) -> object:
+    from worker.service import serve
+
+    return serve(settings, model=model, loglevel="WARNING", stop_when=done)
 
 
 def main(argv: list[str] | None = None) -> int:

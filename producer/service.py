@@ -27,6 +27,7 @@ from producer import stats
 from producer.submit import NewBatch, enqueue, new_batch_id, store_batch, store_invalid
 from schema import kinds, store, workers
 from schema.batch_object import BatchObject
+from schema.cache import item_key as cache_key
 from schema.db import get_sessionmaker, prepare_schema, utcnow
 from schema.errors import BatchNotFound, BatchStateError, InputError, NotServed
 from schema.jobs import parse_window
@@ -73,13 +74,16 @@ class Service:
     def submit(self, source: Source, *, name: str | None = None, task: str = "generate", model: str | None = None,
                metadata: dict[str, Any] | None = None, completion_window: str = "24h", check_workers: bool = True,
                endpoint: str | None = None, record_invalid: bool = False, request_key: str | None = None,
-               admit: Callable[[int], None] | None = None, **options: Any) -> str:
+               admit: Callable[[int], None] | None = None, cache: bool = True, **options: Any) -> str:
         """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
         (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
         InputError naming the source, line and field, and nothing is written; with `record_invalid`
         (the HTTP API, as OpenAI's) it becomes a `failed` batch whose errors say so. `endpoint`: every
         line must be for it. `check_workers=False` skips refusing a kind the live workers cannot run
-        (`gristmill run` brings its own worker)."""
+        (`gristmill run` brings its own worker). `request_key`: what find_request finds it by.
+        `admit(n_items)`, called once the input is valid and before anything is stored, may refuse it
+        by raising (a quota). `cache`: answer deterministic items from earlier identical requests
+        (schema.cache), with no engine."""
         kind = kinds.get(task)
         spec = kind.spec(**options)
         window_s = parse_window(completion_window)
@@ -107,7 +111,8 @@ class Service:
             return batch_id
         if admit is not None:
             admit(len(items))
-        store_batch(self.settings, batch_id, new, items)
+        keys = [cache_key(kind.name, kind.version, model, spec, item.request) for item in items] if cache else None
+        store_batch(self.settings, batch_id, new, items, keys)
         enqueue(self.settings, self.queue, batch_id, model, kind.name)
         return batch_id
 

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
-from schema import store
+from schema import cache, store
 from schema.db import get_engine, get_sessionmaker, utcnow
 from schema.errors import BrokerError
 from schema.inputs import ParsedItem
@@ -58,9 +58,13 @@ def refresh_planner_stats(settings: Settings, n_items: int) -> None:
             conn.commit()
 
 
-def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[ParsedItem]) -> None:
-    """The batch row and every item row, in one transaction (PostgreSQL: COPY)."""
+def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[ParsedItem],
+                keys: list[str | None] | None = None) -> int:
+    """The batch row and every item row, in one transaction (PostgreSQL: COPY); `keys`: each item's
+    cache key (schema.cache), and items whose key has a cached answer are stored answered. Returns
+    how many were."""
     now = utcnow()
+    keys = keys or [None] * len(items)
     batch = Batch(
         id=batch_id, kind=new.kind, project=new.project, endpoint=items[0].endpoint, model=new.model,
         params=new.params,
@@ -69,7 +73,7 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
         completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
         created_at=now, in_progress_at=now, request_key=new.request_key,
     )
-    rows = (_item_row(batch_id, item, now) for item in items)
+    rows = (_item_row(batch_id, item, now, key) for item, key in zip(items, keys, strict=True))
     with get_sessionmaker(settings.database_url)() as session, session.begin():
         session.add(batch)
         session.flush()
@@ -78,7 +82,26 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
         else:
             for chunk in batched(rows, INSERT_ROWS_PER_STATEMENT):
                 session.execute(insert(Item), chunk)  # executemany: a few statements, not one per item
+        hits = _answer_from_cache(session, batch, [k for k, item in zip(keys, items, strict=True)
+                                                   if k is not None and item.error is None], now)
     refresh_planner_stats(settings, len(items))
+    return hits
+
+
+def _answer_from_cache(session: Session, batch: Batch, keys: list[str], now: Any) -> int:
+    """Items whose key has a cached answer: succeeded now, their answer's rows copied, no engine."""
+    found = cache.lookup(session, keys)
+    if not found:
+        return 0
+    hits = [(item, found[item.cache_key]) for item in session.scalars(select(Item).where(  # type: ignore[index]
+        Item.batch_id == batch.id, Item.status == ItemStatus.queued, Item.cache_key.in_(list(found))))]
+    for item, _ in hits:
+        item.status, item.cached, item.finished_at, item.queue_wait_s, item.engine_s = (
+            ItemStatus.succeeded, True, now, 0.0, 0.0)
+    session.flush()
+    cache.restore(session, hits, now)
+    batch.succeeded, batch.cached = batch.succeeded + len(hits), len(hits)
+    return len(hits)
 
 
 def store_invalid(settings: Settings, batch_id: str, new: NewBatch, endpoint: str, errors: list[dict[str, Any]]) -> None:
@@ -95,11 +118,12 @@ def store_invalid(settings: Settings, batch_id: str, new: NewBatch, endpoint: st
 
 
 ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",
-                "error_code", "attempts", "interrupted", "enqueued_at", "finished_at")
+                "error_code", "attempts", "interrupted", "enqueued_at", "finished_at", "cache_key")
 
 
-def _item_row(batch_id: str, item: ParsedItem, now: Any) -> dict[str, Any]:
+def _item_row(batch_id: str, item: ParsedItem, now: Any, cache_key: str | None) -> dict[str, Any]:
     return {
+        "cache_key": cache_key,
         "batch_id": batch_id, "line": item.line, "custom_id": item.custom_id, "endpoint": item.endpoint,
         "request": item.request.model_dump(exclude_none=True), "body": item.body,
         "status": ItemStatus.failed if item.error else ItemStatus.queued,

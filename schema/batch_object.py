@@ -15,6 +15,7 @@ class RequestCounts(BaseModel):
     total: int
     completed: int  # succeeded, as in OpenAI's batch object
     failed: int
+    cached: int = 0  # of `completed`, answered from the result cache (an extension OpenAI clients ignore)
 
 
 class BatchObject(BaseModel):
@@ -49,7 +50,8 @@ class BatchObject(BaseModel):
         return cls(
             id=row.id, endpoint=row.endpoint, model=row.model, input_file=row.input_file, status=row.status,
             errors=list(row.errors or []), metadata=dict(row.metadata_ or {}),
-            request_counts=RequestCounts(total=row.total, completed=row.succeeded, failed=row.failed),
+            request_counts=RequestCounts(total=row.total, completed=row.succeeded, failed=row.failed,
+                                         cached=row.cached or 0),
             completion_window=f"{row.completion_window_s}s" if row.completion_window_s % 3600 else
             f"{row.completion_window_s // 3600}h", expires_at=epoch(row.expires_at),
             created_at=epoch(row.created_at) or 0, in_progress_at=epoch(row.in_progress_at),

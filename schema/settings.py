@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = Field(default=1800, ge=10)
     max_attempts: int = Field(default=3, ge=1)  # an item that fails its engine this often is marked failed
     reconcile_interval_s: int = Field(default=30, ge=1)
+    beat_lease_s: float = Field(default=30.0, gt=0)  # a standby beat takes over this long after the holder died
     requeue_grace_s: int = Field(default=60, ge=0)  # queued items younger than this are not reconciled
     # Extra vllm.LLM keyword arguments (a JSON object in the environment), applied after gristmill's own,
     # e.g. {"max_num_seqs": 256, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}.

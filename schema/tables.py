@@ -66,6 +66,7 @@ class Batch(Base):
     # what made it through the HTTP API (an Idempotency-Key, or the create request's digest), so a retried
     # create finds the batch its first attempt made instead of making a second
     request_key: Mapped[str | None] = mapped_column(String(128))
+    cached: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # items answered from the cache
 
 
 class Item(Base):
@@ -102,6 +103,8 @@ class Item(Base):
     engine: Mapped[str | None] = mapped_column(String(32))
     model: Mapped[str | None] = mapped_column(String(512))
     engine_batch_id: Mapped[int | None] = mapped_column(ForeignKey("engine_batches.id", ondelete="SET NULL"))
+    cache_key: Mapped[str | None] = mapped_column(String(64))  # schema.cache; None: not deterministic, or off
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")  # answered from the cache
 
 
 class Result(Base):
@@ -235,3 +238,59 @@ class RequestCount(Base):
     project: Mapped[str] = mapped_column(String(128), primary_key=True)
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # Unix time // 60
     count: Mapped[int] = mapped_column(Integer)
+
+
+class CachedResult(Base):
+    """A result kept for reuse, by the content address of its request (schema.cache): the rows that made
+    an item's answer (results, classifications, embeddings), without the item's own ids."""
+
+    __tablename__ = "result_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    rows: Mapped[dict[str, Any]] = mapped_column(Json)  # table name -> column values
+    engine: Mapped[str | None] = mapped_column(String(32))  # what computed it (the first answer is canonical)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class ScheduleRun(Base):
+    """One firing of a schedule: unique per (schedule, slot), so a second beat, or a beat restarted,
+    finds the slot taken and does nothing."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (UniqueConstraint("schedule", "slot"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    schedule: Mapped[str] = mapped_column(String(128))
+    slot: Mapped[datetime] = mapped_column(Timestamp)  # the cron time it is for (a manual run: when asked)
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)  # `schedule run --force`: not a cron slot
+    status: Mapped[str] = mapped_column(String(16))  # started | running | succeeded | failed
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    since: Mapped[datetime | None] = mapped_column(Timestamp)  # the SQL source's watermark it read from
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    items: Mapped[int] = mapped_column(Integer, default=0)
+    new: Mapped[int] = mapped_column(Integer, default=0)  # items whose id no earlier run of it had
+    changed: Mapped[int] = mapped_column(Integer, default=0)  # known id, new content
+    unchanged: Mapped[int] = mapped_column(Integer, default=0)  # answered from the cache
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ScheduleItem(Base):
+    """The content hash of each item a schedule's last successful run saw, to count new and changed."""
+
+    __tablename__ = "schedule_items"
+
+    schedule: Mapped[str] = mapped_column(String(128), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+
+
+class BeatLock(Base):
+    """Who runs the beat: a lease renewed while it lives; a standby takes it over once it lapses."""
+
+    __tablename__ = "beat_locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)

@@ -18,7 +18,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from schema import store
+from schema import cache, store
 from schema.errors import ChunkTimeout, ErrorCode
 from schema.tables import Batch
 from worker.kinds import runner_for
@@ -82,6 +82,7 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
         succeeded = store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
                                          engine_batch_id=eb_id, started=started, finished=finished)
         runner.stage(session, batch_id, succeeded, finished)  # the kind's own rows, if any
+        cache.remember(session, [o.item.id for o in succeeded], runner.kind, engine, finished)
         store.close_if_done(session, batch_id)
 
 

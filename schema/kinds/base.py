@@ -48,6 +48,7 @@ class Kind(ABC):
 
     name: str  # "generate", "classify", ...: the batch's `kind` column and `--task` value
     spec_model: type[BaseModel]  # the batch's parameters; the CLI derives its flags from it
+    version: int = 1  # bump when the same request would now get another answer (its cached ones are void)
     summary: str  # one line for `--task` help
     file_flags: ClassVar[FileFlags] = {}  # spec fields that may also come from a file: `--labels-file`
 

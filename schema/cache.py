@@ -1,0 +1,110 @@
+"""The result cache: an item whose request was answered before is answered again from SQL, with no engine.
+
+An item's key is the sha256 of everything that decides its answer: the kind and its version, the model
+(name and revision: its files' sizes and times, which change with its weights, tokenizer and chat
+template), the kind's spec with every default filled in (labels, schema, instruction, calibration,
+sampling) and the item's request as the worker runs it (messages or text, with its own sampling). Only
+deterministic requests get a key (greedy, or sampling with a fixed seed); classification and embeddings
+always are. Submission looks the keys up and stores hits as finished items (their rows copied); the
+worker keeps each new answer under its key (the first answer is canonical: vLLM is not bit-exact
+across batch compositions at temperature 0). Cached rows are whatever makes an item's answer: its
+results, classifications and embeddings rows, without the item's own ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import LargeBinary, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from schema.models import resolve_model
+from schema.tables import CachedResult, Classification, Embedding, Item, Result
+
+VERSION = 1  # bump when what a key covers changes: every earlier key then misses
+ANSWER_TABLES: tuple[Any, ...] = (Result, Classification, Embedding)  # rows keyed by item_id that make up an item's answer
+ITEM_COLUMNS = ("item_id", "batch_id", "custom_id", "created_at")
+
+
+def item_key(kind: str, kind_version: int, model: str, spec: BaseModel, request: BaseModel) -> str | None:
+    """The item's content address; None when its answer may differ from run to run (sampled, no seed)."""
+    sampling = getattr(request, "sampling", None) or getattr(spec, "sampling", None)
+    if sampling is not None and sampling.temperature > 0 and sampling.seed is None:
+        return None
+    identity = {"v": VERSION, "kind": kind, "kind_version": kind_version, "model": model,
+                "revision": model_revision(model), "spec": spec.model_dump(mode="json"),
+                "request": request.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def model_revision(model: str) -> str:
+    """The model's files, by name, size and modification time (cheap; weights are not read)."""
+    try:
+        source = resolve_model(model)
+    except Exception:  # noqa: BLE001  # a model this host cannot see: its name is all there is
+        return "unresolved"
+    files = sorted(p for p in source.folder.iterdir() if p.is_file())
+    if source.gguf_file is not None:
+        files = [source.folder / source.gguf_file]
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+
+
+def lookup(session: Session, keys: Iterable[str]) -> dict[str, CachedResult]:
+    wanted = list(set(keys))
+    found: dict[str, CachedResult] = {}
+    for start in range(0, len(wanted), 5000):  # bounded IN lists
+        found.update({c.key: c for c in session.scalars(select(CachedResult).where(
+            CachedResult.key.in_(wanted[start:start + 5000])))})
+    return found
+
+
+def restore(session: Session, hits: list[tuple[Item, CachedResult]], now: datetime) -> None:
+    """Write each hit's cached rows as its item's answer."""
+    for table in ANSWER_TABLES:
+        rows = [{**_decoded(table, cached.rows[table.__tablename__]), "item_id": item.id, "batch_id": item.batch_id,
+                 "custom_id": item.custom_id, "created_at": now}
+                for item, cached in hits if table.__tablename__ in cached.rows]
+        if rows:
+            session.execute(insert(table), rows)
+
+
+def remember(session: Session, item_ids: list[int], kind: str, engine: str, now: datetime) -> None:
+    """Keep the answers of these finished items under their keys (a key already kept stays as it is)."""
+    keyed = dict(session.execute(select(Item.id, Item.cache_key).where(
+        Item.id.in_(item_ids), Item.cache_key.is_not(None), Item.cached.is_(False))).all())
+    if not keyed:
+        return
+    rows: dict[int, dict[str, Any]] = {item_id: {} for item_id in keyed}
+    for table in ANSWER_TABLES:
+        for row in session.execute(select(table).where(table.item_id.in_(list(keyed)))).scalars():
+            rows[row.item_id][table.__tablename__] = _encoded(table, row)
+    entries = [{"key": keyed[i], "kind": kind, "rows": r, "engine": engine, "created_at": now}
+               for i, r in rows.items() if r]
+    if entries:
+        upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        session.execute(upsert(CachedResult).on_conflict_do_nothing(index_elements=["key"]), entries)
+
+
+def _encoded(table: Any, row: Any) -> dict[str, Any]:
+    values = {}
+    for column in table.__table__.columns:
+        if column.name in ITEM_COLUMNS:
+            continue
+        value = getattr(row, column.key)
+        values[column.name] = value.hex() if isinstance(column.type, LargeBinary) else value
+    return values
+
+
+def _decoded(table: Any, values: dict[str, Any]) -> dict[str, Any]:
+    binary = {c.name for c in table.__table__.columns if isinstance(c.type, LargeBinary)}
+    return {name: bytes.fromhex(v) if name in binary else v for name, v in values.items()}
