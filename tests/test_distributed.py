@@ -54,7 +54,7 @@ def test_worker_on_redis_and_postgres(pg_url: str, redis_url: str, settings_for,
 
         status = json.loads(gristmill("status", batch_id, "--wait", "--json", settings=settings, cwd=tmp_path).stdout)
         assert status["status"] == "completed", (tmp_path / "worker.log").read_text()[-3000:]
-        assert status["request_counts"] == {"total": 16, "completed": 16, "failed": 0}
+        assert status["request_counts"] == {"total": 16, "completed": 16, "failed": 0, "cached": 0}
         assert status["created_at"] <= status["in_progress_at"] <= status["completed_at"]
 
         out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"

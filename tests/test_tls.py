@@ -106,8 +106,9 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedisServer]:
 
 
 def docs(tmp_path: Path, name: str, n: int) -> Path:
+    """n lines whose texts are the name's own (the result cache would answer a text seen before)."""
     path = tmp_path / f"{name}.jsonl"
-    path.write_text("".join(json.dumps({"id": f"{name}-{i:02d}", "text": f"Say {i}."}) + "\n" for i in range(n)))
+    path.write_text("".join(json.dumps({"id": f"{name}-{i:02d}", "text": f"Say {i} ({name})."}) + "\n" for i in range(n)))
     return path
 
 
