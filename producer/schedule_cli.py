@@ -76,7 +76,7 @@ def _list(args: argparse.Namespace, scheduler: Scheduler, schedules: dict[str, S
     last = scheduler.last_runs()
     trouble = 0
     print(f"{'name':<20} {'next run':<22} {'last slot':<22} {'status':<10} {'items':>6} {'new':>5} {'changed':>7} "
-          f"{'cached':>6}  batch")
+          f"{'cached':>6} {'failed':>6} {'saved s':>7}  batch")
     for name, schedule in schedules.items():
         run = last.get(name)
         upcoming = slots.upcoming(schedule.cron, schedule.zone, now) if schedule.enabled else None
@@ -85,7 +85,8 @@ def _list(args: argparse.Namespace, scheduler: Scheduler, schedules: dict[str, S
         trouble += late or bool(run and run.status == "failed")
         print(f"{name:<20} {_local(upcoming, schedule) if upcoming else 'disabled':<22} "
               f"{_local(run.slot, schedule) if run else '-':<22} {status:<10} {run.items if run else 0:>6} "
-              f"{run.new if run else 0:>5} {run.changed if run else 0:>7} {run.unchanged if run else 0:>6}  "
+              f"{run.new if run else 0:>5} {run.changed if run else 0:>7} {run.unchanged if run else 0:>6} "
+              f"{run.failed if run else 0:>6} {run.engine_s_saved if run else 0:>7.1f}  "
               f"{(run.batch_id or '-') if run else '-'}" + (f"  error: {run.error}" if run and run.error else ""))
     return 1 if args.check and trouble else 0
 
@@ -114,7 +115,8 @@ def _run(args: argparse.Namespace, scheduler: Scheduler, schedules: dict[str, Sc
         api.open_batch(run.batch_id, settings).wait()
     finished = scheduler.finish(run.id)
     print(f"schedule {schedule.name!r}: run {finished.status}; {finished.items} items, {finished.new} new, "
-          f"{finished.changed} changed, {finished.unchanged} from the cache"
+          f"{finished.changed} changed, {finished.unchanged} from the cache ({finished.engine_s_saved:.1f} engine "
+          f"seconds saved), {finished.failed} failed"
           + (f"; {finished.error}" if finished.error else ""), file=sys.stderr)
     return 0 if finished.status == "succeeded" else 1
 

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from producer import sinks, slots, sources
 from producer.schedules import Schedule, SqlSource, load
 from producer.service import Service
+from schema import cache
 from schema.db import get_sessionmaker, utcnow
 from schema.errors import GristmillError, InputError
 from schema.states import TERMINAL_BATCH, BatchStatus
@@ -87,7 +88,8 @@ class Scheduler:
         try:
             with self._sessions() as session, session.begin():
                 run = ScheduleRun(schedule=schedule.name, slot=slot, manual=manual, status="started",
-                                  started_at=utcnow(), items=0, new=0, changed=0, unchanged=0)
+                                  started_at=utcnow(), items=0, new=0, changed=0, unchanged=0, failed=0,
+                                  engine_s_saved=0.0)
                 session.add(run)
             return run
         except IntegrityError:
@@ -132,12 +134,16 @@ class Scheduler:
                 sinks.deliver(self.service, schedule, batch.id, _aware(run.slot))
         except (GristmillError, InputError) as exc:
             return self._end(run_id, "failed", error=str(exc))
-        return self._end(run_id, "succeeded", unchanged=batch.cached if batch is not None else 0)
+        return self._end(run_id, "succeeded")
 
-    def _end(self, run_id: int, status: str, error: str | None = None, unchanged: int = 0) -> ScheduleRun:
+    def _end(self, run_id: int, status: str, error: str | None = None) -> ScheduleRun:
         with self._sessions() as session, session.begin():
             run = session.get_one(ScheduleRun, run_id)
-            run.status, run.error, run.unchanged, run.finished_at = status, error, unchanged, utcnow()
+            run.status, run.error, run.finished_at = status, error, utcnow()
+            batch = session.get(Batch, run.batch_id) if run.batch_id else None
+            if batch is not None:
+                run.unchanged, run.failed = batch.cached, batch.failed
+                run.engine_s_saved = cache.engine_s_saved(session, batch.id)
         if error:
             log.error("schedule %s: run %d failed: %s", run.schedule, run_id, error)
         return run

@@ -82,26 +82,10 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
         else:
             for chunk in batched(rows, INSERT_ROWS_PER_STATEMENT):
                 session.execute(insert(Item), chunk)  # executemany: a few statements, not one per item
-        hits = _answer_from_cache(session, batch, [k for k, item in zip(keys, items, strict=True)
-                                                   if k is not None and item.error is None], now)
+        hits = len(cache.answer(session, batch_id, [k for k, item in zip(keys, items, strict=True)
+                                                    if k is not None and item.error is None], ItemStatus.queued, now))
     refresh_planner_stats(settings, len(items))
     return hits
-
-
-def _answer_from_cache(session: Session, batch: Batch, keys: list[str], now: Any) -> int:
-    """Items whose key has a cached answer: succeeded now, their answer's rows copied, no engine."""
-    found = cache.lookup(session, keys)
-    if not found:
-        return 0
-    hits = [(item, found[item.cache_key]) for item in session.scalars(select(Item).where(  # type: ignore[index]
-        Item.batch_id == batch.id, Item.status == ItemStatus.queued, Item.cache_key.in_(list(found))))]
-    for item, _ in hits:
-        item.status, item.cached, item.finished_at, item.queue_wait_s, item.engine_s = (
-            ItemStatus.succeeded, True, now, 0.0, 0.0)
-    session.flush()
-    cache.restore(session, hits, now)
-    batch.succeeded, batch.cached = batch.succeeded + len(hits), len(hits)
-    return len(hits)
 
 
 def store_invalid(settings: Settings, batch_id: str, new: NewBatch, endpoint: str, errors: list[dict[str, Any]]) -> None:

@@ -5,8 +5,9 @@ An item's key is the sha256 of everything that decides its answer: the kind and 
 template), the kind's spec with every default filled in (labels, schema, instruction, calibration,
 sampling) and the item's request as the worker runs it (messages or text, with its own sampling). Only
 deterministic requests get a key (greedy, or sampling with a fixed seed); classification and embeddings
-always are. Submission looks the keys up and stores hits as finished items (their rows copied); the
-worker keeps each new answer under its key (the first answer is canonical: vLLM is not bit-exact
+always are. Submission looks the keys up and stores hits as finished items (their rows copied), and so
+does the worker when it claims a chunk (an identical request of another batch may have finished since:
+it is not computed twice); the worker keeps each new answer under its key (the first answer is canonical: vLLM is not bit-exact
 across batch compositions at temperature 0). Cached rows are whatever makes an item's answer: its
 results, classifications and embeddings rows, without the item's own ids.
 """
@@ -21,13 +22,14 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import LargeBinary, insert, select
+from sqlalchemy import LargeBinary, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from schema.models import resolve_model
-from schema.tables import CachedResult, Classification, Embedding, Item, Result
+from schema.states import ItemStatus
+from schema.tables import Batch, CachedResult, Classification, Embedding, Item, Result
 
 VERSION = 1  # bump when what a key covers changes: every earlier key then misses
 ANSWER_TABLES: tuple[Any, ...] = (Result, Classification, Embedding)  # rows keyed by item_id that make up an item's answer
@@ -68,6 +70,31 @@ def lookup(session: Session, keys: Iterable[str]) -> dict[str, CachedResult]:
     return found
 
 
+def answer(session: Session, batch_id: str, keys: Iterable[str], status: str, now: datetime,
+           item_ids: list[int] | None = None) -> list[int]:
+    """Items of the batch in `status` (of `item_ids`, when given) whose key has a cached answer: succeeded
+    now, their answer's rows copied, counted in the batch's counters; returns their ids."""
+    found = lookup(session, keys)
+    if not found:
+        return []
+    query = select(Item).where(Item.batch_id == batch_id, Item.status == status, Item.cache_key.in_(list(found)))
+    if item_ids is not None:
+        query = query.where(Item.id.in_(item_ids))
+    hits = [(item, found[item.cache_key]) for item in session.scalars(query) if item.cache_key]
+    for item, _ in hits:
+        item.status, item.cached, item.finished_at, item.lease_expires_at = ItemStatus.succeeded, True, now, None
+    session.flush()
+    restore(session, hits, now)
+    if hits:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(
+            succeeded=Batch.succeeded + len(hits), cached=Batch.cached + len(hits)))
+    return [item.id for item, _ in hits]
+
+
+def keys_of(session: Session, item_ids: list[int]) -> list[str]:
+    return list(session.scalars(select(Item.cache_key).where(Item.id.in_(item_ids), Item.cache_key.is_not(None))))
+
+
 def restore(session: Session, hits: list[tuple[Item, CachedResult]], now: datetime) -> None:
     """Write each hit's cached rows as its item's answer."""
     for table in ANSWER_TABLES:
@@ -78,8 +105,10 @@ def restore(session: Session, hits: list[tuple[Item, CachedResult]], now: dateti
             session.execute(insert(table), rows)
 
 
-def remember(session: Session, item_ids: list[int], kind: str, engine: str, now: datetime) -> None:
-    """Keep the answers of these finished items under their keys (a key already kept stays as it is)."""
+def remember(session: Session, item_ids: list[int], kind: str, engine: str, now: datetime,
+             engine_s_each: float | None = None) -> None:
+    """Keep the answers of these finished items under their keys (a key already kept stays as it is);
+    `engine_s_each`: each one's share of its chunk's engine time."""
     keyed = dict(session.execute(select(Item.id, Item.cache_key).where(
         Item.id.in_(item_ids), Item.cache_key.is_not(None), Item.cached.is_(False))).all())
     if not keyed:
@@ -88,7 +117,7 @@ def remember(session: Session, item_ids: list[int], kind: str, engine: str, now:
     for table in ANSWER_TABLES:
         for row in session.execute(select(table).where(table.item_id.in_(list(keyed)))).scalars():
             rows[row.item_id][table.__tablename__] = _encoded(table, row)
-    entries = [{"key": keyed[i], "kind": kind, "rows": r, "engine": engine, "created_at": now}
+    entries = [{"key": keyed[i], "kind": kind, "rows": r, "engine": engine, "engine_s": engine_s_each, "created_at": now}
                for i, r in rows.items() if r]
     if entries:
         upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
@@ -108,3 +137,10 @@ def _encoded(table: Any, row: Any) -> dict[str, Any]:
 def _decoded(table: Any, values: dict[str, Any]) -> dict[str, Any]:
     binary = {c.name for c in table.__table__.columns if isinstance(c.type, LargeBinary)}
     return {name: bytes.fromhex(v) if name in binary else v for name, v in values.items()}
+
+
+def engine_s_saved(session: Session, batch_id: str) -> float:
+    """The engine seconds the batch's cached items cost when they were computed."""
+    return float(session.scalar(select(func.coalesce(func.sum(CachedResult.engine_s), 0.0))
+                                .join(Item, Item.cache_key == CachedResult.key)
+                                .where(Item.batch_id == batch_id, Item.cached.is_(True))) or 0.0)

@@ -250,6 +250,7 @@ class CachedResult(Base):
     kind: Mapped[str] = mapped_column(String(32))
     rows: Mapped[dict[str, Any]] = mapped_column(Json)  # table name -> column values
     engine: Mapped[str | None] = mapped_column(String(32))  # what computed it (the first answer is canonical)
+    engine_s: Mapped[float | None] = mapped_column(Float)  # its share of its chunk's engine time: what a hit saves
     created_at: Mapped[datetime] = mapped_column(Timestamp)
 
 
@@ -273,6 +274,8 @@ class ScheduleRun(Base):
     new: Mapped[int] = mapped_column(Integer, default=0)  # items whose id no earlier run of it had
     changed: Mapped[int] = mapped_column(Integer, default=0)  # known id, new content
     unchanged: Mapped[int] = mapped_column(Integer, default=0)  # answered from the cache
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    engine_s_saved: Mapped[float] = mapped_column(Float, default=0.0)  # what the cached items cost to compute
     error: Mapped[str | None] = mapped_column(Text)
 
 

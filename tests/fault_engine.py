@@ -3,6 +3,7 @@
 PoisonableEngine: the real transformers engine, except that any engine step holding a request that
 mentions POISON fails, as an engine does on an input it cannot handle. HoldingEngine: no inference,
 but requests finish only when the test says so (or never), so a test knows a chunk is running.
+CountingEngine: no inference, counting the requests that reach it (what the result cache saved).
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from schema.settings import Settings, get_settings
 from worker.engines.transformers_engine import TransformersEngine
 
 MARKER = "POISON"
+
+
+class CountingEngine(NullEngine):
+    def __init__(self, model: str, settings: Settings | None = None) -> None:
+        super().__init__(model, settings)
+        self.received = 0
+
+    def add(self, request: GenerationRequest) -> str:
+        self.received += 1
+        return super().add(request)
 
 
 class PoisonableEngine(TransformersEngine):

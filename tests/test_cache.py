@@ -18,7 +18,10 @@ from schema.kinds.generate import GenerateSpec
 from schema.queue import Queue
 from schema.states import BatchStatus
 from schema.tables import CachedResult, Item
+from tests.conftest import MODEL
+from tests.fault_engine import CountingEngine
 from worker import executor
+from worker.engine_loop import EngineLoop
 from worker.runtime import Runtime
 
 TEXTS = {"a": "Name a colour.", "b": "Name a fruit.", "c": "Name an animal."}
@@ -77,3 +80,27 @@ def test_a_key_covers_what_decides_the_answer() -> None:
     assert cache.item_key("generate", 1, "m", GenerateSpec(sampling=seeded), seeded) is not None
     assert cache.item_key("generate", 1, "m", GenerateSpec(sampling=SamplingParams(temperature=0.8)),
                           SamplingParams(temperature=0.8)) is None
+
+
+def test_a_request_answered_while_its_twin_waited_is_not_computed_again(sqlite_url: str, settings_for,  # type: ignore[no-untyped-def]
+                                                                        tmp_path: Path) -> None:
+    """Two batches of the same requests submitted before either ran: the second's chunk, claimed after the
+    first finished, is answered from the cache when it is claimed, not computed."""
+    settings = settings_for(sqlite_url)
+    docs = tmp_path / "in.jsonl"
+    docs.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in TEXTS.items()))
+    first, second = (api.submit(docs, settings=settings, sampling=SamplingParams(max_tokens=4)) for _ in range(2))
+    assert second.status().request_counts.cached == 0  # nothing was cached yet
+    engine = CountingEngine(MODEL)
+    loop = EngineLoop(engine)
+    try:
+        for handle in (first, second):
+            with get_sessionmaker(settings.database_url)() as session:
+                ids = list(session.scalars(select(Item.id).where(Item.batch_id == handle.id)))
+            executor.run_chunk(Runtime(settings, engine, loop, queue=Queue(settings)), handle.id, ids)
+    finally:
+        loop.close()
+    assert engine.received == 3  # the first batch's; the second's came from the cache
+    info = second.status()
+    assert info.status == BatchStatus.completed and info.request_counts.cached == 3
+    assert outputs(second) == outputs(first)

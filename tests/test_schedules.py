@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from bench.null_engine import NullEngine
 from producer import slots
 from producer.scheduler import Beat, Scheduler
 from producer.schedules import load
@@ -29,23 +28,12 @@ from schema.errors import InputError
 from schema.queue import Queue
 from schema.tables import BeatLock, Item, ScheduleRun
 from tests.conftest import MODEL, REPO, cli_env
+from tests.fault_engine import CountingEngine
 from worker import executor
 from worker.engine_loop import EngineLoop
 from worker.runtime import Runtime
 
 BERLIN = ZoneInfo("Europe/Berlin")
-
-
-class CountingEngine(NullEngine):
-    """The no-inference engine, counting the requests that reach it."""
-
-    def __init__(self, model: str, settings: Any = None) -> None:
-        super().__init__(model, settings)
-        self.received = 0
-
-    def add(self, request: Any) -> str:
-        self.received += 1
-        return super().add(request)
 
 
 def write(path: Path, text_: str) -> Path:
@@ -208,6 +196,7 @@ def test_incremental_reruns_cost_only_what_changed(sqlite_url: str, settings_for
         (docs / f"{n:03d}.txt").unlink()
     second, reached = run_once()
     assert (second.items, second.new, second.changed, second.unchanged, reached) == (202, 5, 10, 187, 15)
+    assert second.failed == 0 and second.engine_s_saved > 0  # what the 187 cost when they were computed
     assert run_once()[1] == 0  # nothing changed: nothing reaches the engine
 
     for changed in ("max_tokens = 9", 'model = "another-model"'):  # what decides the answer voids every key

@@ -19,7 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from schema import cache, store
+from schema.db import utcnow
 from schema.errors import ChunkTimeout, ErrorCode
+from schema.states import ItemStatus
 from schema.tables import Batch
 from worker.kinds import runner_for
 from worker.kinds.base import Runner
@@ -38,6 +40,9 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
         claimed = store.claim(session, batch_id, item_ids, runtime.host, settings.chunk_time_limit_s)
     if not claimed:  # a duplicate delivery, or the batch was cancelled: nothing to do
         return {"claimed": 0, "succeeded": 0, "failed": 0}
+    claimed = _answer_from_cache(runtime, batch_id, claimed)
+    if not claimed:
+        return {"claimed": 0, "succeeded": 0, "failed": 0, "cached": len(item_ids)}
     runner = runner_for(kind or "", runtime.engine)
     if runner is None:  # no retry can help: this engine lacks the capability the kind needs
         engine = runtime.engine
@@ -63,6 +68,17 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
     return {"claimed": len(claimed), "succeeded": len(outcomes) - failed, "failed": failed}
 
 
+def _answer_from_cache(runtime: Runtime, batch_id: str, claimed: list[store.Claimed]) -> list[store.Claimed]:
+    """The claimed items still to compute: those an identical request answered since submission are
+    answered from the cache now."""
+    with sessions(runtime)() as session, session.begin():
+        ids = [c.id for c in claimed]
+        answered = set(cache.answer(session, batch_id, cache.keys_of(session, ids), ItemStatus.running, utcnow(), ids))
+        if answered:
+            store.close_if_done(session, batch_id)
+    return [c for c in claimed if c.id not in answered]
+
+
 def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claimed]) -> dict[str, int]:
     """Send the chunk again as two halves (this claim does not count as an attempt)."""
     ids = [c.id for c in claimed]
@@ -82,7 +98,8 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
         succeeded = store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
                                          engine_batch_id=eb_id, started=started, finished=finished)
         runner.stage(session, batch_id, succeeded, finished)  # the kind's own rows, if any
-        cache.remember(session, [o.item.id for o in succeeded], runner.kind, engine, finished)
+        share = (finished - started).total_seconds() / max(len(outcomes), 1)
+        cache.remember(session, [o.item.id for o in succeeded], runner.kind, engine, finished, share)
         store.close_if_done(session, batch_id)
 
 

@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("rows", JSON, nullable=False),
         sa.Column("engine", sa.String(length=32), nullable=True),
+        sa.Column("engine_s", sa.Float(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
@@ -50,6 +51,8 @@ def upgrade() -> None:
         sa.Column("new", sa.Integer(), nullable=False),
         sa.Column("changed", sa.Integer(), nullable=False),
         sa.Column("unchanged", sa.Integer(), nullable=False),
+        sa.Column("failed", sa.Integer(), nullable=False),
+        sa.Column("engine_s_saved", sa.Float(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("schedule", "slot"),
