@@ -18,7 +18,7 @@ from schema.kinds.generate import GenerateSpec
 from schema.queue import Queue
 from schema.states import BatchStatus
 from schema.tables import CachedResult, Item
-from tests.conftest import MODEL
+from tests.conftest import MODEL, gristmill
 from tests.fault_engine import CountingEngine
 from worker import executor
 from worker.engine_loop import EngineLoop
@@ -66,6 +66,9 @@ def test_a_repeated_request_is_answered_from_the_cache(sqlite_url: str, settings
         assert session.scalar(select(func.count()).select_from(Item).where(
             Item.batch_id == sampled.id, Item.cache_key.is_not(None))) == 0  # never cached
         assert session.scalar(select(func.count()).select_from(CachedResult)) == 4
+    for flags, cached in (([], 4), (["--no-cache"], 0)):  # the CLI: on by default, off on request
+        batch_id = gristmill("submit", str(docs), "--max-tokens", "8", *flags, settings=settings, cwd=tmp_path).stdout
+        assert api.open_batch(batch_id.strip(), settings).status().request_counts.cached == cached
 
 
 def test_a_key_covers_what_decides_the_answer() -> None:
