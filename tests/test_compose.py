@@ -22,7 +22,7 @@ def test_compose_config_is_valid() -> None:
     proc = subprocess.run([*compose_command(), "-f", "compose.yaml", "config"], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    for service in ("redis:", "postgres:", "worker-gpu0:", "producer:"):
+    for service in ("redis:", "postgres:", "worker-gpu0:", "api:", "beat:", "producer:"):
         assert service in proc.stdout
     assert "appendonly" in proc.stdout and "CUDA_VISIBLE_DEVICES" in proc.stdout
 
