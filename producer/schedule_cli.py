@@ -137,8 +137,7 @@ def _backfill(args: argparse.Namespace, scheduler: Scheduler, schedules: dict[st
 
 def _data_start(schedule: Schedule, slot: datetime) -> datetime:
     """A backfilled slot reads the rows of its own interval: since the slot before it."""
-    before = list(slots.slots(schedule.cron, schedule.zone, slot - timedelta(days=32), slot - timedelta(seconds=1)))
-    return before[-1] if before else slot - timedelta(days=1)
+    return slots.latest(schedule.cron, schedule.zone, slot - timedelta(seconds=1)) or slot - timedelta(days=1)
 
 
 def _named(schedules: dict[str, Schedule], name: str) -> Schedule:

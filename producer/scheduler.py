@@ -220,8 +220,8 @@ class Beat:
                 log.error("schedules file: %s (keeping the schedules read before)", exc)
             try:
                 self.tick(schedules, utcnow())
-            except GristmillError as exc:
-                log.error("beat: %s", exc)
+            except Exception:  # a database away for a while must not end the beat: the next tick retries
+                log.exception("beat: this tick failed")
             stop.wait(self.tick_s)
         self.release()
 

@@ -53,9 +53,15 @@ def due(cron: str, zone: ZoneInfo, policy: str, last: datetime | None, now: date
 
 
 def latest(cron: str, zone: ZoneInfo, now: datetime) -> datetime | None:
-    """The newest slot at or before now (within a year)."""
-    found = list(slots(cron, zone, now - timedelta(days=366), now))
-    return found[-1] if found else None
+    """The newest slot at or before now (None if there was none in the last year)."""
+    walk = croniter(cron, now.astimezone(zone).replace(tzinfo=None) + timedelta(seconds=1))  # at `now` counts
+    while True:
+        wall = walk.get_prev(datetime)
+        if wall < (now - timedelta(days=366)).astimezone(zone).replace(tzinfo=None):
+            return None
+        instant = instant_of(wall, zone)
+        if instant is not None and instant <= now:
+            return instant
 
 
 def upcoming(cron: str, zone: ZoneInfo, now: datetime) -> datetime | None:
