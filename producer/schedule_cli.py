@@ -72,7 +72,7 @@ def cmd_schedule(args: argparse.Namespace, settings: Settings, run_worker: RunWo
 
 def _list(args: argparse.Namespace, scheduler: Scheduler, schedules: dict[str, Schedule], _: Settings) -> int:
     now = datetime.now(UTC)
-    scheduler.finish_ended()
+    scheduler.finish_ended()  # runs whose batch ended since (when no beat runs, e.g. after `schedule run`)
     last = scheduler.last_runs()
     trouble = 0
     print(f"{'name':<20} {'next run':<22} {'last slot':<22} {'status':<10} {'items':>6} {'new':>5} {'changed':>7} "

@@ -79,7 +79,7 @@ class Scheduler:
             row = session.get_one(ScheduleRun, run.id)
             row.batch_id, row.since, row.items, row.new, row.changed = batch_id, since, len(items), new, changed
             row.status = "running"
-        self._save_items(schedule, run.id, items)
+        self._save_items(schedule, items)
         log.info("schedule %s: slot %s fired batch %s (%d items: %d new, %d changed)", schedule.name,
                  slot.isoformat(), batch_id, len(items), new, changed)
         return self.finish(run.id) if batch_id is None else self._run(run.id)
@@ -159,7 +159,7 @@ class Scheduler:
             return dict(session.execute(select(ScheduleItem.item_id, ScheduleItem.content_hash)
                                         .where(ScheduleItem.schedule == name)).all())
 
-    def _save_items(self, schedule: Schedule, run_id: int, items: list[sources.SourceItem]) -> None:
+    def _save_items(self, schedule: Schedule, items: list[sources.SourceItem]) -> None:
         """The content hashes of this run's items (a glob source: exactly these; SQL: these added)."""
         with self._sessions() as session, session.begin():
             if not isinstance(schedule.source, SqlSource):

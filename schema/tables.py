@@ -280,7 +280,8 @@ class ScheduleRun(Base):
 
 
 class ScheduleItem(Base):
-    """The content hash of each item a schedule's last successful run saw, to count new and changed."""
+    """The content hash of each item a schedule's runs have read (a glob: the latest run's files), to count
+    new and changed items; what reaches an engine is the result cache's decision, not this."""
 
     __tablename__ = "schedule_items"
 
