@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError, OperationalError
+
 from producer import api, schedule_cli
 from producer.progress import ProgressPrinter
 from schema import kinds
@@ -326,13 +328,21 @@ def _worker_until(settings: Settings, model: str | None, done: Callable[[], bool
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
     try:
-        return COMMANDS[args.command](args, get_settings())
+        return COMMANDS[args.command](args, settings)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (GristmillError, TimeoutError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except DBAPIError as exc:  # the database is away or refuses us: one line, not a driver's traceback
+        if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+            raise
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"error: cannot reach the database at {redact(settings.database_url)}: {redact(reason)} "
+              f"(is it running? check GRISTMILL_DATABASE_URL)", file=sys.stderr)
         return 1
 
 

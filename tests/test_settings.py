@@ -64,6 +64,17 @@ def test_reconcile_with_the_broker_away_is_one_line(pg_url: str, settings_for, t
     assert "cannot reach the broker redis://:***@127.0.0.1:1/0" in proc.stderr and "hunter2" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", [["status"], ["keys", "list"], ["schedule", "list"]])
+def test_an_unreachable_database_is_one_line(command: list[str], settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "schedules.toml").write_text("")
+    settings = settings_for("postgresql+psycopg://gm:hunter2@127.0.0.1:1/gristmill")
+    proc = gristmill(*command, settings=settings, cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        proc.stderr.strip()] and "cannot reach the database at postgresql+psycopg://gm:***@127.0.0.1:1" in proc.stderr
+    assert "hunter2" not in proc.stderr + proc.stdout
+
+
 def test_tls_redis_urls_verify_certificates() -> None:
     import ssl
 
