@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
                         help="load the engine for this task where it matters (vLLM embeds with its pooling "
                              "runner, which serves only embed); the worker serves every task its engine can")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
     submit = sub.add_parser("submit", help="validate, store and enqueue a file; prints the batch id")
     _job_flags(submit)
     submit.add_argument("--wait", action="store_true", help="show a progress bar until the batch ends")
@@ -158,7 +159,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     print(f"gristmill worker: broker {redact(settings.broker_url)}, database {redact(settings.database_url)}",
           file=sys.stderr)
-    serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel=args.loglevel)
+    serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel=args.loglevel,
+          metrics_port=args.metrics_port)
     return 0
 
 
@@ -271,6 +273,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise GristmillError(f"no API key exists: create one (gristmill keys create --name NAME) before serving on "
                              f"{args.host}; without keys the API serves 127.0.0.1 only")
     os.environ[http_api.LOCAL_ENV] = "1" if local else "0"  # read by each uvicorn worker's app
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # their request metrics, shared
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gristmill-metrics-")
     print(f"gristmill API on http://{args.host}:{args.port}/v1 ({'keys required' if keyed else 'no key needed until one exists'}); "
           f"database {redact(settings.database_url)}", file=sys.stderr)
     worker = _worker_process(args) if args.with_worker else None

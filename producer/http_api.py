@@ -21,11 +21,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from producer import files, keys, quotas
+from producer import api_metrics, files, keys, quotas
 from producer.service import Service
 from schema import workers
 from schema.batch_object import BatchObject
@@ -125,14 +126,27 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Any) -> Any:
-        """Every response and log line carries a request id (the caller's X-Request-Id, else a new one)."""
+        """Every response and log line carries a request id (the caller's X-Request-Id, else a new one);
+        every request is counted and timed by its route (its template: no ids in metric labels)."""
         rid = request.headers.get("x-request-id", "")[:64] or f"req_{uuid.uuid4().hex[:16]}"
         started = time.perf_counter()
         response = await call_next(request)
         response.headers["x-request-id"] = rid
+        elapsed = time.perf_counter() - started
         log.info("%s %s %s -> %d in %.1f ms", rid, request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - started) * 1000)
+                 elapsed * 1000)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        api_metrics.REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        api_metrics.REQUEST_SECONDS.labels(request.method, route).observe(elapsed)
         return response
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        """Prometheus: this API's requests (every uvicorn worker's) and the mill's state from SQL and the
+        broker. An admin key's, once keys exist (counts span projects)."""
+        if caller(request).project is not None:
+            raise ApiError(403, "/metrics needs an admin key", code="admin_key_required")
+        return Response(api_metrics.exposition(settings, service.queue), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

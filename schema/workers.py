@@ -61,3 +61,11 @@ def live_models(settings: Settings) -> set[str]:
     """The models some live worker runs."""
     with get_sessionmaker(settings.database_url)() as session:
         return set(session.scalars(select(Worker.model).where(_live(settings)).distinct()))
+
+
+def live_counts(settings: Settings) -> dict[tuple[str, str], int]:
+    """Live workers by (model, engine)."""
+    with get_sessionmaker(settings.database_url)() as session:
+        rows = session.execute(select(Worker.model, Worker.engine, func.count()).where(_live(settings))
+                               .group_by(Worker.model, Worker.engine)).all()
+    return {(model, engine): count for model, engine, count in rows}

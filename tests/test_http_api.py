@@ -20,6 +20,7 @@ import openai
 import psutil
 import pytest
 from openai.types.chat import ChatCompletion
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from producer import keys
@@ -65,8 +66,10 @@ def stack(sqlite_url: str, settings_for, tmp_path: Path) -> Iterator[tuple[Setti
     prepare_schema(sqlite_url)
     made = {"a": keys.create(settings, "team-a", "a"), "b": keys.create(settings, "team-b", "b"),
             "admin": keys.create(settings, "ops", "ops", admin=True)}
-    port, second = free_port(), free_port()
-    procs = [start(["worker", "--engine", HOLDING], settings, tmp_path, "worker.log"),
+    port, second, metrics_port = free_port(), free_port(), free_port()
+    (tmp_path / "metrics_port").write_text(str(metrics_port))
+    procs = [start(["worker", "--engine", HOLDING, "--metrics-port", str(metrics_port)], settings, tmp_path,
+                   "worker.log"),
              start(["serve", "--port", str(port)], settings, tmp_path, "serve.log"),
              start(["serve", "--port", str(second)], settings, tmp_path, "serve2.log")]  # a second replica
     try:
@@ -85,6 +88,15 @@ def stack(sqlite_url: str, settings_for, tmp_path: Path) -> Iterator[tuple[Setti
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=60)
+
+
+def samples(url: str, key: str | None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A /metrics page parsed by prometheus_client's own parser: (name, sorted labels) -> value."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    page = httpx.get(url, headers=headers, timeout=30)
+    assert page.status_code == 200, page.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(page.text) for s in family.samples}
 
 
 def client(base: str, key: str) -> openai.OpenAI:
@@ -136,6 +148,20 @@ def test_a_batch_through_the_openai_client(stack, tmp_path: Path) -> None:  # ty
         other.batches.list()
     logs = (tmp_path / "serve.log").read_text()
     assert all(k not in logs for k in made.values())
+
+    # Prometheus: the worker's counters and the server's SQL view agree with the batch's counts
+    worker = samples(f"http://127.0.0.1:{(tmp_path / 'metrics_port').read_text()}/metrics", None)
+    assert worker[("gristmill_items_total", (("kind", "generate"), ("model", settings.model),
+                                             ("outcome", "succeeded")))] == 16
+    assert worker[("gristmill_output_tokens_total", (("kind", "generate"), ("model", settings.model)))] == 16
+    server = samples(base.removesuffix("/v1") + "/metrics", made["admin"])
+    assert server[("gristmill_batch_items_total", (("kind", "generate"), ("model", settings.model),
+                                                   ("outcome", "succeeded")))] == 16
+    assert server[("gristmill_workers", (("engine", "null"), ("model", settings.model)))] == 1
+    assert server[("gristmill_http_requests_total", (("method", "POST"), ("route", "/v1/batches"),
+                                                     ("status", "200")))] >= 1
+    assert httpx.get(base.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {made['a']}"},
+                     timeout=10).status_code == 403  # a project's key sees no other project's numbers
 
 
 def test_validation_pagination_and_cancel(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

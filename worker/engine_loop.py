@@ -20,6 +20,7 @@ from typing import Any, TypeVar, cast
 
 from schema.errors import EngineError
 from schema.jobs import GenerationRequest, GenerationResult
+from worker import metrics
 from worker.engines.base import GENERATE, Engine, Generator
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._drive, name="engine-loop", daemon=True)
         self._thread.start()
         threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
+        metrics.ENGINE_SEQUENCES.labels("running").set_function(lambda: len(self._owners))
+        metrics.ENGINE_SEQUENCES.labels("waiting").set_function(self._inbox.qsize)
 
     def submit(self, requests: list[GenerationRequest]) -> Future[list[GenerationResult]]:
         if not self.alive:
@@ -152,6 +155,7 @@ class EngineLoop:
 
     def _step(self) -> None:
         assert self._generator is not None
+        started = time.perf_counter()
         try:
             finished = self._generator.step()
         except Exception as exc:
@@ -163,6 +167,8 @@ class EngineLoop:
             self._generator.abort(list(self._owners))
             self._fail_owners(exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}"))
             return
+        finally:
+            metrics.ENGINE_BUSY.inc(time.perf_counter() - started)
         for key, result in finished:
             owner = self._owners.pop(key, None)
             if owner:

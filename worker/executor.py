@@ -23,6 +23,7 @@ from schema.db import utcnow
 from schema.errors import ChunkTimeout, ErrorCode
 from schema.states import ItemStatus
 from schema.tables import Batch
+from worker import metrics
 from worker.kinds import runner_for
 from worker.kinds.base import Runner
 from worker.runtime import Runtime, sessions
@@ -62,6 +63,7 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
         with make_session() as session, session.begin():
             code = ErrorCode.timeout if isinstance(exc, ChunkTimeout) else ErrorCode.engine_error
             store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}", code=code)
+        metrics.RETRIES.labels(runner.kind, runtime.engine.model_name, code).inc()
         raise
     _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
     failed = sum(1 for o in outcomes if o.error)
@@ -76,6 +78,9 @@ def _answer_from_cache(runtime: Runtime, batch_id: str, claimed: list[store.Clai
         answered = set(cache.answer(session, batch_id, cache.keys_of(session, ids), ItemStatus.running, utcnow(), ids))
         if answered:
             store.close_if_done(session, batch_id)
+            kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
+            metrics.CACHE_HITS.labels(kind, runtime.engine.model_name).inc(len(answered))
+            metrics.ITEMS.labels(kind, runtime.engine.model_name, "succeeded").inc(len(answered))
     return [c for c in claimed if c.id not in answered]
 
 
@@ -84,6 +89,7 @@ def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claim
     ids = [c.id for c in claimed]
     with sessions(runtime)() as session, session.begin():
         store.release(session, ids, "chunk split to isolate a failing item", refund_attempt=True)
+    metrics.RETRIES.labels(kind, runtime.engine.model_name, "split").inc()
     half = len(ids) // 2
     model = runtime.engine.model_name  # the queues this worker consumes
     runtime.queue.send(batch_id, model, kind, [ids[:half], ids[half:]])
@@ -101,6 +107,10 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
         share = (finished - started).total_seconds() / max(len(outcomes), 1)
         cache.remember(session, [o.item.id for o in succeeded], runner.kind, engine, finished, share)
         store.close_if_done(session, batch_id)
+    try:  # after the commit: counting must never fail work that is done
+        metrics.finished(runner.kind, model, outcomes, succeeded, started, finished)
+    except Exception:
+        log.exception("counting a finished chunk in the metrics failed")
 
 
 def _with_retries(write: Callable[[], T]) -> T:
@@ -120,3 +130,5 @@ def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str, co
     with sessions(runtime)() as session, session.begin():
         store.fail_open_items(session, batch_id, item_ids, error, code)
         store.close_if_done(session, batch_id)
+        kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
+    metrics.gave_up(kind, runtime.engine.model_name, len(item_ids), code)

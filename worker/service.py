@@ -13,7 +13,7 @@ from schema import workers
 from schema.errors import EngineError
 from schema.queue import Queue, queue_for
 from schema.settings import Settings
-from worker import runtime, tasks
+from worker import metrics, runtime, tasks
 from worker.kinds import RUNNERS, served_kinds
 from worker.reconciler import reconcile
 
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings, *, model: str | None = None, engine: str | None = None, task: str | None = None,
-          loglevel: str = "INFO", stop_when: Callable[[], bool] | None = None) -> runtime.Runtime:
+          loglevel: str = "INFO", stop_when: Callable[[], bool] | None = None,
+          metrics_port: int | None = None) -> runtime.Runtime:
     """Load the engine, then consume the model's queues of every task kind the engine serves until
     SIGTERM/SIGINT (or `stop_when()` is true).
 
@@ -30,6 +31,8 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     engine loop so it never drains between chunks.
     """
     model = model or settings.model
+    if metrics_port:
+        metrics.serve(metrics_port)  # before the engine loads: a scrape sees the worker while it starts
     needs = RUNNERS[task].needs[0] if task else None  # the engine variant for this task, where it matters
     rt = runtime.start(settings, model, engine, on_engine_failure=_shut_down, needs=needs)
     kinds = served_kinds(rt.engine)
@@ -71,7 +74,7 @@ def _reconcile_every(settings: Settings, queue: Queue, worker_id: str) -> None:
     while True:
         try:
             workers.heartbeat(settings, worker_id)
-            reconcile(settings, queue)
+            metrics.REQUEUES.inc(reconcile(settings, queue).requeued)
         except Exception:  # the broker or database is away; the next round tries again
             log.exception("reconciling failed")
         time.sleep(settings.reconcile_interval_s)

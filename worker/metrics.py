@@ -1,0 +1,56 @@
+"""A worker's Prometheus metrics, served by `gristmill worker --metrics-port PORT` (prometheus_client's
+default registry, so metrics an engine registers there show too).
+
+Counters count what this worker did since it started; Prometheus' rate() and increase() make them
+per-second figures. The engine's busy fraction is rate(gristmill_engine_busy_seconds_total).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from schema import store
+from schema.db import seconds_between
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+ITEMS = Counter("gristmill_items", "Items this worker finished, by outcome (succeeded, or the error code)",
+                ["kind", "model", "outcome"])
+PROMPT_TOKENS = Counter("gristmill_prompt_tokens", "Prompt tokens of the items this worker finished", ["kind", "model"])
+OUTPUT_TOKENS = Counter("gristmill_output_tokens", "Output tokens of the items this worker finished", ["kind", "model"])
+CHUNK_SECONDS = Histogram("gristmill_chunk_seconds", "Engine time of a chunk", ["kind", "model"],
+                          buckets=LATENCY_BUCKETS)
+QUEUE_WAIT_SECONDS = Histogram("gristmill_item_queue_wait_seconds", "From enqueued to its chunk's start",
+                               ["kind", "model"], buckets=LATENCY_BUCKETS)
+CACHE_HITS = Counter("gristmill_cache_hits", "Claimed items answered from the result cache", ["kind", "model"])
+RETRIES = Counter("gristmill_chunk_retries", "Chunks given back to the queue, by reason", ["kind", "model", "reason"])
+REQUEUES = Counter("gristmill_reconciler_requeues", "Items the reconciler sent again (their message was lost)")
+ENGINE_BUSY = Counter("gristmill_engine_busy_seconds", "Time the engine spent in steps")
+ENGINE_SEQUENCES = Gauge("gristmill_engine_sequences", "running: requests in the engine; waiting: chunks handed "
+                                                       "to the engine loop, not yet in it", ["state"])
+
+
+def serve(port: int) -> None:
+    start_http_server(port)
+
+
+def finished(kind: str, model: str, outcomes: list[store.Outcome], succeeded: list[store.Outcome],
+             started: datetime, finished_at: datetime) -> None:
+    """A chunk's outcomes written; `succeeded`: those the write finished (a late repeat finishes none)."""
+    CHUNK_SECONDS.labels(kind, model).observe((finished_at - started).total_seconds())
+    done = {o.item.id for o in succeeded}
+    for outcome in outcomes:
+        if outcome.error is None and outcome.item.id not in done:
+            continue
+        ITEMS.labels(kind, model, outcome.error_code or ("engine_error" if outcome.error else "succeeded")).inc()
+        PROMPT_TOKENS.labels(kind, model).inc(outcome.prompt_tokens)
+        OUTPUT_TOKENS.labels(kind, model).inc(outcome.completion_tokens)
+        wait = seconds_between(outcome.item.enqueued_at, started)  # SQLite's times come back without a zone
+        if wait is not None:
+            QUEUE_WAIT_SECONDS.labels(kind, model).observe(max(wait, 0.0))
+
+
+def gave_up(kind: str, model: str, count: int, code: str) -> None:
+    ITEMS.labels(kind, model, code).inc(count)
