@@ -371,3 +371,24 @@ def test_serve_with_worker_on_the_embedded_defaults(sqlite_url: str, settings_fo
         proc.terminate()
         proc.wait(timeout=120)
     assert not [(p, p.status()) for p in worker if p.is_running()]
+
+
+def test_metrics_add_up_across_uvicorn_workers(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`serve --workers 2`: each process counts its own requests; /metrics (from either) shows their sum."""
+    settings = settings_for(sqlite_url)
+    prepare_schema(sqlite_url)
+    port = free_port()
+    proc = start(["serve", "--port", str(port), "--workers", "2"], settings, tmp_path, "serve.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: answers(base + "/healthz"), 60, "the API did not start")
+        with httpx.Client() as http:  # new connections: the kernel spreads them over both processes
+            for _ in range(20):
+                http.get(base + "/v1/batches", headers={"Connection": "close"})
+        scraped = samples(base + "/metrics", None)
+        assert scraped[("gristmill_http_requests_total", (("method", "GET"), ("route", "/v1/batches"),
+                                                          ("status", "200")))] == 20
+        assert (tmp_path / "serve.log").read_text().count("Started server process") == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
