@@ -90,7 +90,7 @@ def vllm_loop() -> Iterator[tuple[Any, Any]]:
 
 @pytest.fixture
 def settings_for(tmp_path: Path):  # type: ignore[no-untyped-def]
-    def make(database_url: str, broker_url: str = "filesystem://", **extra: object) -> Settings:
+    def make(database_url: str, broker_url: str = "filesystem://", **extra: Any) -> Settings:
         return Settings(database_url=database_url, broker_url=broker_url, home=tmp_path / ".gristmill", **extra)
 
     return make

@@ -22,7 +22,7 @@ def test_compose_config_is_valid() -> None:
     proc = subprocess.run([*compose_command(), "-f", "compose.yaml", "config"], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    for service in ("redis:", "postgres:", "worker-gpu0:", "api:", "beat:", "producer:"):
+    for service in ("redis:", "postgres:", "worker-gpu0:", "api:", "beat:", "prometheus:", "producer:"):
         assert service in proc.stdout
     assert "appendonly" in proc.stdout and "CUDA_VISIBLE_DEVICES" in proc.stdout
 
@@ -32,3 +32,26 @@ def test_compose_requires_passwords() -> None:
     proc = subprocess.run([*compose_command(), "-f", "compose.yaml", "config"], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "REDIS_PASSWORD" in proc.stderr
+
+
+def test_the_dashboard_asks_only_for_metrics_that_exist(sqlite_url: str, settings_for) -> None:  # type: ignore[no-untyped-def]
+    """Every metric a Grafana panel names is one that a worker or `gristmill serve` exports."""
+    import json
+    import re
+
+    from prometheus_client import REGISTRY
+
+    import worker.metrics  # noqa: F401  # registers the worker's metrics
+    from producer.api_metrics import MillCollector
+    from schema.db import prepare_schema
+    from schema.queue import Queue
+
+    prepare_schema(sqlite_url)
+    settings = settings_for(sqlite_url)
+    families = [*REGISTRY.collect(), *MillCollector(settings, Queue(settings)).collect()]
+    exported = {name for family in families if family.name.startswith("gristmill")
+                for name in (family.name, family.name + "_total", family.name + "_bucket")}
+    dashboard = json.loads((REPO / "examples" / "monitoring" / "grafana-dashboard.json").read_text())
+    asked = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"gristmill_[a-z_]+", target["expr"])}
+    assert asked and asked <= exported, asked - exported
