@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from producer import api, schedule_cli
+from producer import api, logs, schedule_cli
 from producer.progress import ProgressPrinter
 from schema import kinds
 from schema.errors import GristmillError, InputError
@@ -98,7 +97,17 @@ def parser() -> argparse.ArgumentParser:
     schedule_cli.add_commands(sub)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations")
+    _verbose_flag(root)
     return root
+
+
+def _verbose_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """-v on every command, before or after its name (a command's own says nothing unless given)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="every log line on the terminal (a command's go to GRISTMILL_LOG_FILE otherwise)")
+    for action in parser._subparsers._group_actions if parser._subparsers else []:  # argparse lists them nowhere public
+        for child in getattr(action, "choices", {}).values():
+            _verbose_flag(child, top=False)
 
 
 def _metadata(pairs: list[str]) -> dict[str, str]:
@@ -331,10 +340,16 @@ def _worker_until(settings: Settings, model: str | None, done: Callable[[], bool
     return serve(settings, model=model, loglevel="WARNING", stop_when=done)
 
 
+SERVICES = {"worker", "serve", "beat"}  # long-running: they log to the console, for a service manager
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    if args.command in SERVICES:
+        logs.for_service()
+    else:
+        logs.for_command(settings.home, args.verbose)
     try:
         return COMMANDS[args.command](args, settings)
     except InputError as exc:

@@ -270,3 +270,18 @@ def test_reconcile_expires_overdue_batch(db_url: str, settings_for, tmp_path: Pa
     overdue.results(out)
     codes = [OutputLine.model_validate_json(line).error for line in out.read_text().splitlines()]
     assert codes[0] is None and [c.code for c in codes[1:] if c] == ["batch_expired"] * 3
+
+
+def test_a_command_logs_to_its_file_unless_verbose(settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`schedule run` logs the firing at INFO: into the log file, not onto the terminal; with -v (before
+    or after the command) onto the terminal."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "schedules.toml").write_text('[[schedule]]\nname = "s"\ncron = "0 6 * * *"\nsource = { glob = "*.txt" }\n'
+                                             'task = { kind = "generate" }\n')
+    quiet = settings_for(f"sqlite:///{tmp_path / 'a.db'}")
+    proc = gristmill("schedule", "run", "s", "--force", settings=quiet, cwd=tmp_path)
+    assert proc.stdout.startswith("batch_") and "INFO" not in proc.stderr + proc.stdout
+    assert "schedule s: slot" in (quiet.home / "gristmill.log").read_text()
+    for args in (["-v", "schedule", "run", "s", "--force"], ["schedule", "run", "s", "--force", "-v"]):
+        loud = settings_for(f"sqlite:///{tmp_path / (args[0] + '.db')}")
+        assert "INFO gristmill.beat: schedule s: slot" in gristmill(*args, settings=loud, cwd=tmp_path).stderr

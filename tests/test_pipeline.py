@@ -33,6 +33,10 @@ def test_run_on_embedded_defaults(engine: str, sqlite_url: str, settings_for, tm
     proc = gristmill("run", str(QUESTIONS), "-o", str(out), "--engine", engine, settings=settings, cwd=tmp_path)
     assert "completed: 16 items, 16 succeeded, 0 failed" in proc.stderr
     assert "tokens/s" in proc.stderr
+    # quiet: the engine's and Celery's INFO lines, and the worker banner, went to the log file
+    assert " INFO " not in proc.stdout + proc.stderr and "celery@" not in proc.stdout + proc.stderr
+    assert "[config]" not in proc.stdout
+    assert f"engine {engine} loaded" in (settings.home / "gristmill.log").read_text()
 
     lines = read_output(out)
     assert [line.custom_id for line in lines] == [f"q-{i:02d}" for i in range(1, 17)]  # input order

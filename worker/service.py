@@ -48,6 +48,7 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     worker = app.Worker(
         pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model, kind) for kind in kinds], loglevel=loglevel,
         hostname=worker_id, without_mingle=True, without_gossip=True,
+        quiet=loglevel not in ("DEBUG", "INFO"),  # no banner inside a command (`gristmill run`)
     )
     workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs, kinds)
     threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler", daemon=True).start()

@@ -1,0 +1,55 @@
+"""Where log lines go. Services (`worker`, `serve`, `beat`) log everything to the console, as a service
+manager expects. Commands a person runs (`run`, `submit`, `status`, ...) keep the terminal for what they
+asked: gristmill's own warnings and errors; everything else (vLLM's and Celery's INFO lines, library
+warnings, progress bars of model loading) goes to a log file, GRISTMILL_LOG_FILE or
+<GRISTMILL_HOME>/gristmill.log. `-v` brings it all back to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+OWN = ("gristmill", "producer", "worker", "schema")  # the loggers whose warnings a user should see
+
+
+def for_service() -> None:
+    logging.basicConfig(level=logging.INFO, format=FORMAT)
+
+
+def for_command(home: Path, verbose: bool) -> Path | None:
+    """Log to a file, the terminal keeping gristmill's warnings and errors; with `verbose`, everything to
+    the terminal. Returns the log file, if one is used."""
+    if verbose:
+        for_service()
+        return None
+    path = Path(os.environ.get("GRISTMILL_LOG_FILE") or home / "gristmill.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter(FORMAT))
+    to_terminal = logging.StreamHandler()
+    to_terminal.setLevel(logging.WARNING)
+    to_terminal.addFilter(lambda record: record.name.split(".")[0] in OWN)
+    to_terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[to_file, to_terminal], force=True)
+    logging.captureWarnings(True)  # library warnings (Celery's as root, torch's deprecations) to the file
+    # Read when vLLM is first imported (lazily, by the engine) and by its engine process: its log lines
+    # go to the same file from both; the engine process's deprecation warnings are not shown.
+    os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(_vllm_config(path)))
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    return path
+
+
+def _vllm_config(log_file: Path) -> Path:
+    """A logging dictConfig for vLLM's loggers that appends to the log file."""
+    config = {"version": 1, "disable_existing_loggers": False,
+              "formatters": {"plain": {"format": FORMAT}},
+              "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log_file), "formatter": "plain"}},
+              "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}}}
+    path = log_file.with_name("vllm-logging.json")
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
