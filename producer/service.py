@@ -27,7 +27,7 @@ from producer import stats
 from producer.submit import NewBatch, enqueue, new_batch_id, store_batch, store_invalid
 from schema import kinds, store, workers
 from schema.batch_object import BatchObject
-from schema.cache import item_key as cache_key
+from schema.cache import keyer as cache_keyer
 from schema.db import get_sessionmaker, prepare_schema, utcnow
 from schema.errors import BatchNotFound, BatchStateError, InputError, NotServed
 from schema.jobs import parse_window
@@ -111,7 +111,8 @@ class Service:
             return batch_id
         if admit is not None:
             admit(len(items))
-        keys = [cache_key(kind.name, kind.version, model, spec, item.request) for item in items] if cache else None
+        key = cache_keyer(kind.name, kind.version, model, spec)
+        keys = [key(item.request) for item in items] if cache else None
         store_batch(self.settings, batch_id, new, items, keys)
         enqueue(self.settings, self.queue, batch_id, model, kind.name)
         return batch_id

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -38,13 +38,24 @@ ITEM_COLUMNS = ("item_id", "batch_id", "custom_id", "created_at")
 
 def item_key(kind: str, kind_version: int, model: str, spec: BaseModel, request: BaseModel) -> str | None:
     """The item's content address; None when its answer may differ from run to run (sampled, no seed)."""
-    sampling = getattr(request, "sampling", None) or getattr(spec, "sampling", None)
-    if sampling is not None and sampling.temperature > 0 and sampling.seed is None:
-        return None
-    identity = {"v": VERSION, "kind": kind, "kind_version": kind_version, "model": model,
-                "revision": model_revision(model), "spec": spec.model_dump(mode="json"),
-                "request": request.model_dump(mode="json")}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return keyer(kind, kind_version, model, spec)(request)
+
+
+def keyer(kind: str, kind_version: int, model: str, spec: BaseModel) -> Callable[[BaseModel], str | None]:
+    """item_key for many requests of one batch: what they share is serialised once."""
+    shared = json.dumps({"v": VERSION, "kind": kind, "kind_version": kind_version, "model": model,
+                         "revision": model_revision(model), "spec": spec.model_dump(mode="json")},
+                        sort_keys=True, separators=(",", ":")).encode()
+
+    def key(request: BaseModel) -> str | None:
+        sampling = getattr(request, "sampling", None) or getattr(spec, "sampling", None)
+        if sampling is not None and sampling.temperature > 0 and sampling.seed is None:
+            return None
+        digest = hashlib.sha256(shared)
+        digest.update(b"\x00" + request.model_dump_json().encode())  # pydantic's order: the model's fields
+        return digest.hexdigest()
+
+    return key
 
 
 @functools.lru_cache(maxsize=32)
