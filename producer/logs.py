@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -27,8 +28,12 @@ def for_command(home: Path, verbose: bool) -> Path | None:
         for_service()
         return None
     path = Path(os.environ.get("GRISTMILL_LOG_FILE") or home / "gristmill.log")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(path, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:  # a folder we may not write: the log lines are lost, the command still runs
+        print(f"warning: cannot write the log file {path} ({exc.strerror}); set GRISTMILL_LOG_FILE", file=sys.stderr)
+        to_file = logging.NullHandler()
     to_file.setFormatter(logging.Formatter(FORMAT))
     to_terminal = logging.StreamHandler()
     to_terminal.setLevel(logging.WARNING)
@@ -38,7 +43,8 @@ def for_command(home: Path, verbose: bool) -> Path | None:
     logging.captureWarnings(True)  # library warnings (Celery's as root, torch's deprecations) to the file
     # Read when vLLM is first imported (lazily, by the engine) and by its engine process: its log lines
     # go to the same file from both; the engine process's deprecation warnings are not shown.
-    os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(_vllm_config(path)))
+    if isinstance(to_file, logging.FileHandler):
+        os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(_vllm_config(path)))
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("TQDM_DISABLE", "1")
     return path

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +27,7 @@ from schema.outputs import OutputLine
 from schema.queue import RUN_CHUNK, queue_for
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
-from tests.conftest import gristmill
+from tests.conftest import cli_env, gristmill
 
 CHAT = {"method": "POST", "url": "/v1/chat/completions"}
 
@@ -285,3 +287,7 @@ def test_a_command_logs_to_its_file_unless_verbose(settings_for, tmp_path: Path)
     for args in (["-v", "schedule", "run", "s", "--force"], ["schedule", "run", "s", "--force", "-v"]):
         loud = settings_for(f"sqlite:///{tmp_path / (args[0] + '.db')}")
         assert "INFO gristmill.beat: schedule s: slot" in gristmill(*args, settings=loud, cwd=tmp_path).stderr
+    unwritable = subprocess.run([sys.executable, "-m", "producer.cli", "status"], cwd=tmp_path, text=True,
+                                capture_output=True, check=False,
+                                env={**cli_env(quiet), "GRISTMILL_LOG_FILE": "/proc/no/x.log"})
+    assert unwritable.returncode == 0 and "cannot write the log file /proc/no/x.log" in unwritable.stderr
