@@ -17,6 +17,7 @@ from producer import api, slots
 from producer.scheduler import Beat, Scheduler
 from producer.schedules import Schedule, load, schedules_path
 from producer.service import Service
+from schema.db import aware
 from schema.errors import GristmillError
 from schema.settings import EMBEDDED_BROKER, Settings
 
@@ -149,5 +150,4 @@ def _named(schedules: dict[str, Schedule], name: str) -> Schedule:
 def _local(moment: datetime | None, schedule: Schedule) -> str:
     if moment is None:
         return "-"
-    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return aware.astimezone(schedule.zone).strftime("%Y-%m-%d %H:%M %Z")
+    return aware(moment).astimezone(schedule.zone).strftime("%Y-%m-%d %H:%M %Z")

@@ -31,7 +31,7 @@ from producer import sinks, slots, sources
 from producer.schedules import Schedule, SqlSource, load
 from producer.service import Service
 from schema import cache
-from schema.db import get_sessionmaker, utcnow
+from schema.db import aware, get_sessionmaker, utcnow
 from schema.errors import GristmillError, InputError
 from schema.states import TERMINAL_BATCH, BatchStatus
 from schema.tables import Batch, BeatLock, ScheduleItem, ScheduleRun
@@ -107,7 +107,7 @@ class Scheduler:
         with self._sessions() as session:
             last = session.scalar(select(func.max(ScheduleRun.started_at)).where(
                 ScheduleRun.schedule == schedule.name, ScheduleRun.status == "succeeded"))
-        return EPOCH if last is None else _aware(last) - timedelta(seconds=schedule.source.lag_s)
+        return EPOCH if last is None else aware(last) - timedelta(seconds=schedule.source.lag_s)
 
     # --- finishing ------------------------------------------------------------------------------
 
@@ -131,7 +131,7 @@ class Scheduler:
             return self._end(run_id, "failed", error=f"batch {batch.id} ended {batch.status}")
         try:
             if batch is not None and schedule is not None:
-                sinks.deliver(self.service, schedule, batch.id, _aware(run.slot))
+                sinks.deliver(self.service, schedule, batch.id, aware(run.slot))
         except (GristmillError, InputError) as exc:
             return self._end(run_id, "failed", error=str(exc))
         return self._end(run_id, "succeeded")
@@ -174,7 +174,7 @@ class Scheduler:
         with self._sessions() as session:
             last = session.scalar(select(func.max(ScheduleRun.slot)).where(
                 ScheduleRun.schedule == name, ScheduleRun.manual.is_(False)))
-        return _aware(last) if last is not None else None
+        return aware(last) if last is not None else None
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -191,11 +191,7 @@ class Scheduler:
         slot = slots.latest(schedule.cron, schedule.zone, now)
         if slot is None or now - slot < timedelta(minutes=schedule.deadline_min):
             return False
-        return run is None or run.status != "succeeded" or _aware(run.slot) < slot
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite drops the zone
+        return run is None or run.status != "succeeded" or aware(run.slot) < slot
 
 
 # --- the beat -------------------------------------------------------------------------------------

@@ -102,10 +102,6 @@ def answer(session: Session, batch_id: str, keys: Iterable[str], status: str, no
     return [item.id for item, _ in hits]
 
 
-def keys_of(session: Session, item_ids: list[int]) -> list[str]:
-    return list(session.scalars(select(Item.cache_key).where(Item.id.in_(item_ids), Item.cache_key.is_not(None))))
-
-
 def restore(session: Session, hits: list[tuple[Item, CachedResult]], now: datetime) -> None:
     """Write each hit's cached rows as its item's answer."""
     for table in ANSWER_TABLES:

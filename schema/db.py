@@ -23,18 +23,22 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes, which we always store as UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def epoch(value: datetime | None) -> int | None:
-    """Unix seconds; SQLite hands back naive datetimes, which we always store as UTC."""
+    """Unix seconds."""
     if value is None:
         return None
-    return int((value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp())
+    return int(aware(value).timestamp())
 
 
 def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
-    fix = lambda v: v if v.tzinfo else v.replace(tzinfo=UTC)
-    return (fix(end) - fix(start)).total_seconds()
+    return (aware(end) - aware(start)).total_seconds()
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]

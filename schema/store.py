@@ -33,6 +33,7 @@ class Claimed:
     last_error: str | None
     interrupted: bool  # an earlier run of it failed or never ended
     error_code: str | None = None  # of its last failed run
+    cache_key: str | None = None  # schema.cache; None: not cached
 
 
 @dataclass
@@ -67,7 +68,7 @@ def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
         .returning(Item.id, Item.custom_id, Item.request, Item.enqueued_at, Item.attempts, Item.last_error,
-                   Item.interrupted, Item.error_code)
+                   Item.interrupted, Item.error_code, Item.cache_key)
         .execution_options(synchronize_session=False)
     )
     rows = session.execute(stmt).all()

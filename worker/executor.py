@@ -73,9 +73,11 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
 def _answer_from_cache(runtime: Runtime, batch_id: str, claimed: list[store.Claimed]) -> list[store.Claimed]:
     """The claimed items still to compute: those an identical request answered since submission are
     answered from the cache now."""
+    keys = [c.cache_key for c in claimed if c.cache_key]
+    if not keys:  # a batch submitted without the cache: no query
+        return claimed
     with sessions(runtime)() as session, session.begin():
-        ids = [c.id for c in claimed]
-        answered = set(cache.answer(session, batch_id, cache.keys_of(session, ids), ItemStatus.running, utcnow(), ids))
+        answered = set(cache.answer(session, batch_id, keys, ItemStatus.running, utcnow(), [c.id for c in claimed]))
         if answered:
             store.close_if_done(session, batch_id)
             kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
