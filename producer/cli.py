@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     cancel.add_argument("batch_id")
     stats = sub.add_parser("stats", help="timing summary of a batch")
     stats.add_argument("batch_id")
-    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--json", action="store_true", help="every figure, with the charts' histograms and timeline")
+    stats.add_argument("--plot", metavar="FILE", help="also draw the charts into FILE (.png, .svg or .pdf)")
     models = sub.add_parser("models", help="model cache").add_subparsers(dest="action", required=True)
     prepare = models.add_parser("prepare", help="convert a model once into the local cache")
     prepare.add_argument("name", nargs="?")
@@ -221,11 +222,20 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     summary = api.open_batch(args.batch_id, settings).stats()
+    if args.plot:
+        from producer import charts
+
+        charts.plot(summary, args.plot)
+        print(f"charts written to {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     for key, value in summary.items():
-        if isinstance(value, dict):
+        if key in ("histograms", "timeline"):  # series: --json and --plot show them
+            continue
+        if key == "errors":
+            value = "  ".join(f"{e['code']} {e['count']}" for e in value) or "none"
+        elif isinstance(value, dict):
             value = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:.2f}"
