@@ -188,7 +188,7 @@ def run_embedded(s: Setup, workdir: Path) -> dict[str, Any]:
                         vllm_options=s.engine)
     summary_path, out = workdir / "summary.json", workdir / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "producer.cli", "run", str(s.batch), "-o", str(out),
-                           "--engine", "vllm", "--summary-json", str(summary_path)],
+                           "--engine", "vllm", "--summary-json", str(summary_path), "-v"],  # -v: its engine log
                           env=env_for(settings), cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"gristmill run failed:\n{proc.stderr[-3000:]}")

@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # no display: files and strings only
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # drawn without pyplot: no display, no global figure state
 
 CHARTS = {  # name: title
     "items_per_s": "Items finished per second",
@@ -24,7 +21,7 @@ CHARTS = {  # name: title
     "queue_wait": "Queue wait (s)",
     "engine_time": "Engine time per chunk (s)",
 }
-plt.rcParams["svg.hashsalt"] = "gristmill"  # the same batch draws the same SVG ids every time
+matplotlib.rcParams["svg.hashsalt"] = "gristmill"  # the same batch draws the same SVG ids every time
 
 
 def _rate(ax: Axes, summary: dict[str, Any], series: str, name: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from producer import api, logs, schedule_cli
-from producer.progress import ProgressPrinter
+from producer.progress import Progress, render
 from schema import kinds
 from schema.errors import GristmillError, InputError
 from schema.kinds.flags import add_spec_flags, spec_values
@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     _export_flags(run)
     run.add_argument("--engine", help="auto (default), vllm, transformers, or module:Class")
     run.add_argument("--summary-json", help="also write the closing summary to this file, for scripts")
+    _quiet_flag(run)
     worker = sub.add_parser("worker", help="a Celery worker with the engine loaded once")
     worker.add_argument("--model")
     worker.add_argument("--engine", help="auto (default), vllm, transformers, or module:Class")
@@ -60,10 +61,12 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
     submit = sub.add_parser("submit", help="validate, store and enqueue a file; prints the batch id")
     _job_flags(submit)
-    submit.add_argument("--wait", action="store_true", help="show a progress bar until the batch ends")
+    submit.add_argument("--wait", action="store_true", help="show the progress until the batch ends")
+    _quiet_flag(submit)
     status = sub.add_parser("status", help="one batch, or a table of recent ones")
     status.add_argument("batch_id", nargs="?")
-    status.add_argument("--wait", action="store_true")
+    status.add_argument("--wait", action="store_true", help="show the progress until the batch ends")
+    _quiet_flag(status)
     status.add_argument("--json", action="store_true", help="OpenAI-style batch object(s)")
     status.add_argument("--limit", type=int, default=20)
     results = sub.add_parser("results", help="export results in input order")
@@ -102,6 +105,10 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _quiet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display, for scripts")
+
+
 def _verbose_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
     """-v on every command, before or after its name (a command's own says nothing unless given)."""
     parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
@@ -126,12 +133,16 @@ def _submit(args: argparse.Namespace, settings: Settings, check_workers: bool = 
                       cache=args.cache, **options)
 
 
-def _wait(handle: api.BatchHandle) -> Any:
-    printer = ProgressPrinter()
-    try:
-        return handle.wait(on_progress=printer)
-    finally:
-        printer.close()
+def _wait(handle: api.BatchHandle, quiet: bool) -> Any:
+    model = handle.status().model
+    with Progress(quiet=quiet) as progress:
+        def show(info: Any) -> None:
+            idle = info.request_counts.completed + info.request_counts.failed == 0 and not info.done
+            progress.phase(f"waiting for a worker that runs {model} (gristmill worker --model {model})"
+                           if idle and handle.service.waiting_for_worker(model) else None)
+            progress.update(info, handle.service.recent_rates(handle.id))
+
+        return handle.wait(on_progress=show)
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -139,29 +150,42 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     started = time.perf_counter()
     handle = _submit(args, settings, check_workers=False)  # its own worker starts next
-    print(f"batch {handle.id}", file=sys.stderr)
-    printer = ProgressPrinter()
+    model = args.model or settings.model
+    if not args.quiet:
+        print(f"batch {handle.id}", file=sys.stderr)
+    with logs.quiet_descriptors(), Progress(quiet=args.quiet) as progress:
+        progress.phase(f"loading {model} ({args.engine or 'auto'} engine)")
 
-    def finished() -> bool:
-        info = handle.status()
-        printer(info)
-        return info.done
+        def finished() -> bool:  # polled once the engine has loaded and the worker runs
+            progress.phase(None)
+            info = handle.status()
+            progress.update(info, handle.service.recent_rates(handle.id))
+            return info.done
 
-    rt = serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel="WARNING",
-               stop_when=finished)
-    printer.close()
+        rt = serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel="WARNING",
+                   stop_when=finished)
     info = handle.status()
     counts = handle.results(args.output, args.errors, args.format)
     summary = handle.stats()
     wall = time.perf_counter() - started
-    tps = summary["output_tokens_per_s"] or 0.0
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(
             {**summary, "wall_s": wall, "engine_start_s": rt.engine_start_s, "engine": rt.engine.name}, indent=2))
-    print(f"{info.status}: {summary['items']} items, {counts.succeeded} succeeded, {counts.failed} failed; "
-          f"wall {wall:.1f} s (engine start {rt.engine_start_s:.1f} s); {summary['completion_tokens']} output "
-          f"tokens, {tps:.1f} tokens/s; results in {args.output}", file=sys.stderr)
+    print(summary_line(info.status, summary, counts, wall, rt.engine_start_s) + f"; results in {args.output}",
+          file=sys.stderr)
     return 0 if info.status == "completed" else 1
+
+
+def summary_line(status: str, summary: dict[str, Any], counts: Any, wall: float, engine_start_s: float) -> str:
+    """`completed: 16 items, 16 succeeded, 0 failed in 41.3 s (engine start 30.2 s, processing 9.8 s);
+    tokens: 812 prompt (82.9/s), 634 output (64.7/s)`: rates over the processing time."""
+    run_s = summary["run_s"] or 0.0
+    per_s = (lambda n: f"{n / run_s:.1f}/s") if run_s else (lambda n: "-/s")
+    return (f"{status}: {summary['items']} items, {counts.succeeded} succeeded, {counts.failed} failed in "
+            f"{wall:.1f} s (engine start {engine_start_s:.1f} s, processing {run_s:.1f} s); tokens: "
+            f"{summary['prompt_tokens']} prompt ({per_s(summary['prompt_tokens'])}), "
+            f"{summary['completion_tokens']} output ({per_s(summary['completion_tokens'])}), "
+            f"{per_s(summary['succeeded'] + summary['failed']).removesuffix('/s')} items/s")
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -181,7 +205,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         print(f"note: no live worker runs model {args.model or settings.model!r} yet; the batch waits in the queue "
               f"until one starts (gristmill worker)", file=sys.stderr)
     if args.wait:
-        return 0 if _wait(handle).status == "completed" else 1
+        return 0 if _wait(handle, args.quiet).status == "completed" else 1
     return 0
 
 
@@ -198,12 +222,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                       f"{b.elapsed_s or 0:>8.1f}s  {b.model}")
         return 0
     handle = api.open_batch(args.batch_id, settings)
-    info = _wait(handle) if args.wait else handle.status()
+    info = _wait(handle, args.quiet) if args.wait else handle.status()
     if args.json:
         print(info.model_dump_json(indent=2))
     else:
-        from producer.progress import render
-        print(render(info))
+        print(render(info, handle.service.recent_rates(handle.id)))
     return 0
 
 

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from producer import api_metrics, files, keys, quotas
+from producer import api_metrics, dashboard, files, keys, quotas
 from producer.service import Service
 from schema import workers
 from schema.batch_object import BatchObject
@@ -109,16 +109,19 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
     service = Service(settings)
 
+    def identify(key: str) -> Caller | None:
+        """Who sends this API key; None for no valid key."""
+        if local and not keys.any_live(settings):  # any key or none: an SDK always sends one
+            return Caller(None, "default", "")
+        found = keys.verify(settings, key) if key else None
+        return None if found is None else Caller(None if found.admin else found.project, found.project, found.name)
+
     def caller(request: Request) -> Caller:
         header = request.headers.get("authorization", "")
-        if local and not keys.any_live(settings):  # any key or none: an SDK always sends one
-            who = Caller(None, "default", "")
-        else:
-            found = keys.verify(settings, header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
-            if found is None:
-                raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
-                               "invalid_request_error", code="invalid_api_key")
-            who = Caller(None if found.admin else found.project, found.project, found.name)
+        who = identify(header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else "")
+        if who is None:
+            raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
+                           "invalid_request_error", code="invalid_api_key")
         _within(lambda: quotas.count_request(settings, who.home))
         return who
 
@@ -281,6 +284,8 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
             if record.ok == wanted_ok:
                 yield record.line.model_dump_json().encode() + b"\n"
 
+    app.include_router(dashboard.router(settings, service, identify))
+    app.add_exception_handler(dashboard.SignIn, dashboard.sign_in_handler)
     return app
 
 

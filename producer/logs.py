@@ -7,14 +7,17 @@ warnings, progress bars of model loading) goes to a log file, GRISTMILL_LOG_FILE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OWN = ("gristmill", "producer", "worker", "schema")  # the loggers whose warnings a user should see
+_command_log: dict[str, object] = {}  # for_command's log file and terminal handler, for quiet_descriptors
 
 
 def for_service() -> None:
@@ -40,6 +43,7 @@ def for_command(home: Path, verbose: bool) -> Path | None:
     to_terminal.addFilter(lambda record: record.name.split(".")[0] in OWN)
     to_terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_terminal], force=True)
+    _command_log.update(path=path, terminal=to_terminal)
     logging.captureWarnings(True)  # library warnings (Celery's as root, torch's deprecations) to the file
     # Read when vLLM is first imported (lazily, by the engine) and by its engine process: its log lines
     # go to the same file from both; the engine process's deprecation warnings are not shown.
@@ -59,3 +63,40 @@ def _vllm_config(log_file: Path) -> Path:
     path = log_file.with_name("vllm-logging.json")
     path.write_text(json.dumps(config), encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def quiet_descriptors() -> Iterator[None]:
+    """While an engine runs inside a command (`gristmill run`): what anything writes straight to file
+    descriptors 1 and 2 (vLLM's engine process, Triton's and C++ warnings, a progress bar of weights
+    loading, Celery's shutdown notice) goes to the log file; gristmill's own output keeps the terminal
+    through sys.stdout and sys.stderr, pointed at copies of the original descriptors. Without a log file
+    (-v), nothing changes."""
+    path, terminal = _command_log.get("path"), _command_log.get("terminal")
+    if not isinstance(path, Path) or not isinstance(terminal, logging.StreamHandler):
+        yield
+        return
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout = os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding=streams[0].encoding)
+    sys.stderr = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding=streams[1].encoding)
+    terminal.setStream(sys.stderr)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    try:
+        yield
+    finally:
+        copies = sys.stdout, sys.stderr
+        for stream in copies:
+            stream.flush()
+        sys.stdout, sys.stderr = streams
+        terminal.setStream(sys.stderr)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log_fd):
+            os.close(fd)
+        for stream in copies:
+            stream.close()

@@ -15,12 +15,12 @@ import copy
 import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import BaseModel
-from sqlalchemy import Row, select, tuple_
+from sqlalchemy import Row, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from producer import stats
@@ -28,13 +28,13 @@ from producer.submit import NewBatch, enqueue, new_batch_id, store_batch, store_
 from schema import kinds, store, workers
 from schema.batch_object import BatchObject
 from schema.cache import keyer as cache_keyer
-from schema.db import get_sessionmaker, prepare_schema, utcnow
+from schema.db import get_sessionmaker, prepare_schema, seconds_between, utcnow
 from schema.errors import BatchNotFound, BatchStateError, InputError, NotServed
 from schema.jobs import parse_window
 from schema.queue import Queue
 from schema.settings import Settings, get_settings
 from schema.states import BatchStatus
-from schema.tables import Batch
+from schema.tables import Batch, EngineBatch, ScheduleRun
 
 Source = str | Path | bytes | BinaryIO | Iterable[bytes]
 
@@ -47,6 +47,13 @@ class Record:
     ok: bool
     line: BaseModel
     row: Row[Any]
+
+
+@dataclass(frozen=True)
+class Rates:
+    items_per_s: float | None
+    output_tokens_per_s: float | None
+    prompt_tokens_per_s: float | None
 
 
 class Service:
@@ -190,6 +197,33 @@ class Service:
         with self._sessions() as session:
             self._batch(session, batch_id)
             return stats.summarise(session, batch_id)
+
+    def recent_rates(self, batch_id: str, window_s: float = 60.0) -> Rates:
+        """Items, output and prompt tokens per second over the last `window_s` (or since the batch's first
+        chunk started, when that is sooner), from the chunks' records: a few rows, not the items."""
+        now = utcnow()
+        with self._sessions() as session:
+            self._batch(session, batch_id)
+            mine = EngineBatch.batch_id == batch_id
+            first = session.scalar(select(func.min(EngineBatch.started_at)).where(mine))
+            items, output, prompt = session.execute(
+                select(func.sum(EngineBatch.n_items), func.sum(EngineBatch.completion_tokens),
+                       func.sum(EngineBatch.prompt_tokens))
+                .where(mine, EngineBatch.finished_at >= now - timedelta(seconds=window_s))).one()
+        span = min(window_s, seconds_between(first, now) or 0.0)
+        if span <= 0:
+            return Rates(None, None, None)
+        return Rates((items or 0) / span, (output or 0) / span, (prompt or 0) / span)
+
+    def schedule_runs(self, limit: int = 50) -> list[tuple[ScheduleRun, str | None]]:
+        """The latest runs of schedules, newest first, with their batch's status (a project sees the runs
+        whose batch it owns)."""
+        query = (select(ScheduleRun, Batch.status).outerjoin(Batch, Batch.id == ScheduleRun.batch_id)
+                 .order_by(ScheduleRun.started_at.desc(), ScheduleRun.id.desc()).limit(limit))
+        if self.project is not None:
+            query = query.where(Batch.project == self.project)
+        with self._sessions() as session:
+            return [(run, status) for run, status in session.execute(query)]
 
     def _batch(self, session: Session, batch_id: str, for_update: bool = False) -> Batch:
         batch = session.get(Batch, batch_id, with_for_update=for_update)

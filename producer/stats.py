@@ -47,8 +47,8 @@ def histogram(values: list[float], bins: int = HISTOGRAM_BINS) -> dict[str, list
 
 
 def round_width(seconds: float) -> float:
-    """The smallest of 1, 2, 5, 10, 20, 50, ... seconds at least `seconds` long."""
-    width = 1.0
+    """The smallest of 0.1, 0.2, 0.5, 1, 2, 5, 10, ... seconds at least `seconds` long."""
+    width = 0.1
     while width < seconds:
         for step in (2, 2.5, 2):
             width *= step

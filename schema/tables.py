@@ -185,6 +185,8 @@ class Worker(Base):
     kinds: Mapped[list[str]] = mapped_column(JSON, default=list)  # the task kinds its engine serves
     started_at: Mapped[datetime] = mapped_column(Timestamp)
     seen_at: Mapped[datetime] = mapped_column(Timestamp)  # heartbeat: a worker unseen for long is gone
+    chunks_in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # at the last heartbeat
+    busy_fraction: Mapped[float | None] = mapped_column(Float)  # engine time in steps / wall time, last interval
 
 
 class ApiKey(Base):

@@ -24,9 +24,17 @@ def register(settings: Settings, worker_id: str, model: str, engine: str, max_nu
                              started_at=now, seen_at=now))
 
 
-def heartbeat(settings: Settings, worker_id: str) -> None:
+def heartbeat(settings: Settings, worker_id: str, chunks_in_flight: int = 0, busy_fraction: float | None = None) -> None:
+    """Alive, and how busy: what the dashboard's workers page shows."""
     with get_sessionmaker(settings.database_url)() as session, session.begin():
-        session.execute(update(Worker).where(Worker.id == worker_id).values(seen_at=utcnow()))
+        session.execute(update(Worker).where(Worker.id == worker_id).values(
+            seen_at=utcnow(), chunks_in_flight=chunks_in_flight, busy_fraction=busy_fraction))
+
+
+def live(settings: Settings) -> list[Worker]:
+    """Every live worker, by model then id."""
+    with get_sessionmaker(settings.database_url)() as session:
+        return list(session.scalars(select(Worker).where(_live(settings)).order_by(Worker.model, Worker.id)))
 
 
 def unregister(settings: Settings, worker_id: str) -> None:

@@ -4,6 +4,7 @@ PoisonableEngine: the real transformers engine, except that any engine step hold
 mentions POISON fails, as an engine does on an input it cannot handle. HoldingEngine: no inference,
 but requests finish only when the test says so (or never), so a test knows a chunk is running.
 CountingEngine: no inference, counting the requests that reach it (what the result cache saved).
+PacedEngine: no inference, at a steady pace (a few requests per step), so a batch's charts have a shape.
 """
 
 from __future__ import annotations
@@ -82,6 +83,24 @@ class HoldingEngine(NullEngine):
     def abort(self, keys: list[str]) -> None:
         for key in keys:
             self._held.pop(key, None)
+
+
+class PacedEngine(NullEngine):
+    """Finishes PER_STEP requests a step, a step every STEP_S seconds, each with as many output tokens as
+    its request has characters (so the tokens/s chart differs from the items/s one)."""
+
+    PER_STEP, STEP_S = 4, 0.03
+
+    def add(self, request: GenerationRequest) -> str:
+        key = str(next(self._keys))
+        tokens = sum(len(m.content) for m in request.messages or [])
+        self._done.append((key, GenerationResult(text="ok", prompt_tokens=tokens, completion_tokens=tokens)))
+        return key
+
+    def step(self) -> list[tuple[str, GenerationResult]]:
+        time.sleep(self.STEP_S)
+        done, self._done = self._done[:self.PER_STEP], self._done[self.PER_STEP:]
+        return done
 
 
 HANG = "HANG"

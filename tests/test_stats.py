@@ -97,7 +97,7 @@ def write_timings(db_url: str, settings_for: Any, tmp_path: Path) -> tuple[str, 
     run_s = (max(finishes) - min(starts)).total_seconds()
     # The timeline: chunk k finished at 5 + k + calls[k] s after T0, the first item started at min(starts).
     ends = [(T0 + timedelta(seconds=5 + k + c) - min(starts)).total_seconds() for k, c in enumerate(calls)]
-    width = next(w for w in (1, 2, 5, 10, 20, 50) if w >= max(ends) / 40)
+    width = next(w for w in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50) if w >= max(ends) / 40)
     buckets = int(max(ends) // width) + 1
     expected_timeline = {"bucket_s": float(width), "t_s": [i * width for i in range(buckets)],
                          "items": [4 * sum(1 for e in ends if int(e // width) == i) for i in range(buckets)],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 from schema import store
 from schema.db import seconds_between
@@ -28,12 +28,19 @@ CACHE_HITS = Counter("gristmill_cache_hits", "Claimed items answered from the re
 RETRIES = Counter("gristmill_chunk_retries", "Chunks given back to the queue, by reason", ["kind", "model", "reason"])
 REQUEUES = Counter("gristmill_reconciler_requeues", "Items the reconciler sent again (their message was lost)")
 ENGINE_BUSY = Counter("gristmill_engine_busy_seconds", "Time the engine spent in steps")
+CHUNKS_IN_FLIGHT = Gauge("gristmill_chunks_in_flight", "Chunks this worker is running")
 ENGINE_SEQUENCES = Gauge("gristmill_engine_sequences", "running: requests in the engine; waiting: chunks handed "
                                                        "to the engine loop, not yet in it", ["state"])
 
 
 def serve(port: int) -> None:
     start_http_server(port)
+
+
+def activity() -> tuple[int, float]:
+    """Chunks in flight now and the engine's busy seconds so far (what the heartbeat reports)."""
+    chunks = REGISTRY.get_sample_value("gristmill_chunks_in_flight") or 0.0
+    return int(chunks), REGISTRY.get_sample_value("gristmill_engine_busy_seconds_total") or 0.0
 
 
 def finished(kind: str, model: str, outcomes: list[store.Outcome], succeeded: list[store.Outcome],

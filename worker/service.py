@@ -70,11 +70,16 @@ def _shut_down() -> None:
 
 
 def _reconcile_every(settings: Settings, queue: Queue, worker_id: str) -> None:
-    """At start and then periodically: say this worker is alive, requeue what no one holds, expire
-    overdue batches."""
+    """At start and then periodically: say this worker is alive and how busy, requeue what no one holds,
+    expire overdue batches."""
+    last: tuple[float, float] | None = None  # (busy seconds, monotonic time) at the previous heartbeat
     while True:
         try:
-            workers.heartbeat(settings, worker_id)
+            chunks, busy = metrics.activity()
+            now = time.monotonic()
+            fraction = min(1.0, (busy - last[0]) / (now - last[1])) if last and now > last[1] else None
+            last = busy, now
+            workers.heartbeat(settings, worker_id, chunks, fraction)
             metrics.REQUEUES.inc(reconcile(settings, queue).requeued)
         except Exception:  # the broker or database is away; the next round tries again
             log.exception("reconciling failed")

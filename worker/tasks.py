@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery, Task
 
 from schema.queue import RUN_CHUNK
-from worker import executor, runtime
+from worker import executor, metrics, runtime
 
 MAX_RETRIES = 10  # then the reconciler takes over: items stay queued in SQL
 
@@ -22,6 +22,7 @@ def run_chunk(self: Task, batch_id: str, item_ids: list[int]) -> dict[str, int]:
     splits the chunk, so failures narrow down to the item at fault (see worker.executor).
     """
     try:
-        return executor.run_chunk(runtime.current(), batch_id, item_ids)
+        with metrics.CHUNKS_IN_FLIGHT.track_inprogress():
+            return executor.run_chunk(runtime.current(), batch_id, item_ids)
     except Exception as exc:  # engine, database or broker: all transient until attempts say otherwise
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries), max_retries=MAX_RETRIES) from exc
