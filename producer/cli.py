@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from producer import api, logs, schedule_cli
@@ -157,12 +158,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         progress.phase(f"loading {model} ({args.engine or 'auto'} engine)")
 
         def finished() -> bool:  # polled once the engine has loaded and the worker runs
-            progress.phase(None)
             info = handle.status()
+            progress.phase("stopping the engine" if info.done else None)
             progress.update(info, handle.service.recent_rates(handle.id))
             return info.done
 
-        rt = serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel="WARNING",
+        rt = serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel="INFO",  # to the log file
                    stop_when=finished)
     info = handle.status()
     counts = handle.results(args.output, args.errors, args.format)
@@ -370,7 +371,7 @@ COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status"
 def _worker_until(settings: Settings, model: str | None, done: Callable[[], bool]) -> object:
     from worker.service import serve
 
-    return serve(settings, model=model, loglevel="WARNING", stop_when=done)
+    return serve(settings, model=model, loglevel="INFO", stop_when=done)
 
 
 SERVICES = {"worker", "serve", "beat"}  # long-running: they log to the console, for a service manager
@@ -378,11 +379,18 @@ SERVICES = {"worker", "serve", "beat"}  # long-running: they log to the console,
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # a GRISTMILL_* variable that does not parse: say which, one line each
+        for error in exc.errors():
+            where = f"GRISTMILL_{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+            print(f"error: {where}{error['msg']} (got {error['input']!r})" if where else f"error: {error['msg']}",
+                  file=sys.stderr)
+        return 2
     if args.command in SERVICES:
-        logs.for_service()
+        logs.for_service(settings.log_format)
     else:
-        logs.for_command(settings.home, args.verbose)
+        logs.for_command(settings.home, args.verbose, settings.log_format)
     try:
         return COMMANDS[args.command](args, settings)
     except InputError as exc:

@@ -137,7 +137,8 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
         response.headers["x-request-id"] = rid
         elapsed = time.perf_counter() - started
         log.info("%s %s %s -> %d in %.1f ms", rid, request.method, request.url.path, response.status_code,
-                 elapsed * 1000)
+                 elapsed * 1000, extra={"request_id": rid, "method": request.method, "path": request.url.path,
+                                        "status": response.status_code, "duration_ms": round(elapsed * 1000, 2)})
         route = getattr(request.scope.get("route"), "path", "unmatched")
         api_metrics.REQUESTS.labels(request.method, route, str(response.status_code)).inc()
         api_metrics.REQUEST_SECONDS.labels(request.method, route).observe(elapsed)

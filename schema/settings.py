@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     reconcile_interval_s: int = Field(default=30, ge=1)
     beat_lease_s: float = Field(default=30.0, gt=0)  # a standby beat takes over this long after the holder died
     requeue_grace_s: int = Field(default=60, ge=0)  # queued items younger than this are not reconciled
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (batch id, chunk, worker, durations)
     # Extra vllm.LLM keyword arguments (a JSON object in the environment), applied after gristmill's own,
     # e.g. {"max_num_seqs": 256, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}.
     vllm_options: dict[str, Any] = Field(default_factory=dict)

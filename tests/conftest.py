@@ -9,6 +9,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,42 @@ def cli_env(settings: Settings) -> dict[str, str]:
     env.update({f"GRISTMILL_{key.upper()}": str(value) for key, value in settings.model_dump().items()})
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+def gristmill_in_terminal(*args: str, settings: Settings, cwd: Path, timeout: float = 600) -> tuple[int, str]:
+    """Run the real CLI on a pseudo-terminal, as a user at a terminal sees it: its exit code, and what it
+    wrote to the terminal (stdout and stderr together), with rich's colours and cursor moves removed."""
+    import fcntl
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+
+    master, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))  # 160 columns: no wrapped lines
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=cli_env(settings), cwd=cwd,
+                            stdin=child, stdout=child, stderr=child, close_fds=True)
+    os.close(child)
+    seen, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    data = os.read(master, 1 << 16)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                if not data:
+                    break
+                seen += data
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace")).replace("\r\n", "\n")
 
 
 def gristmill(*args: str, settings: Settings, cwd: Path, timeout: float = 600,

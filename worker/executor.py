@@ -65,8 +65,14 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
             store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}", code=code)
         metrics.RETRIES.labels(runner.kind, runtime.engine.model_name, code).inc()
         raise
-    _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
+    written = time.perf_counter()
+    chunk_id = _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
     failed = sum(1 for o in outcomes if o.error)
+    engine_s, write_s = (finished - started).total_seconds(), time.perf_counter() - written
+    log.info("batch %s: chunk %s of %d items done (%d failed): engine %.2f s, write %.3f s", batch_id, chunk_id,
+             len(outcomes), failed, engine_s, write_s, extra={
+                 "batch_id": batch_id, "chunk_id": chunk_id, "worker": runtime.host, "kind": runner.kind,
+                 "items": len(outcomes), "failed": failed, "engine_s": round(engine_s, 4), "write_s": round(write_s, 4)})
     return {"claimed": len(claimed), "succeeded": len(outcomes) - failed, "failed": failed}
 
 
@@ -95,11 +101,13 @@ def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claim
     half = len(ids) // 2
     model = runtime.engine.model_name  # the queues this worker consumes
     runtime.queue.send(batch_id, model, kind, [ids[:half], ids[half:]])
-    log.warning("batch %s: split a chunk of %d items that failed before", batch_id, len(ids))
+    log.warning("batch %s: split a chunk of %d items that failed before", batch_id, len(ids),
+                extra={"batch_id": batch_id, "worker": runtime.host, "items": len(ids)})
     return {"claimed": 0, "succeeded": 0, "failed": 0, "split": len(ids)}
 
 
-def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store.Outcome], started, finished) -> None:  # type: ignore[no-untyped-def]
+def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store.Outcome], started, finished) -> int:  # type: ignore[no-untyped-def]
+    """Returns the chunk's id in SQL (its engine_batches row)."""
     engine, model = runtime.engine.name, runtime.engine.model_name
     with sessions(runtime)() as session, session.begin():  # results, states and counts land together
         eb_id = store.record_engine_batch(session, batch_id, runtime.host, engine, model, outcomes, started, finished)
@@ -113,6 +121,7 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
         metrics.finished(runner.kind, model, outcomes, succeeded, started, finished)
     except Exception:
         log.exception("counting a finished chunk in the metrics failed")
+    return eb_id
 
 
 def _with_retries(write: Callable[[], T]) -> T:

@@ -41,14 +41,15 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
         raise EngineError(f"the {rt.engine.name} engine serves no task kind (capabilities: "
                           f"{', '.join(sorted(rt.engine.capabilities)) or 'none'})")
     log.info("engine %s loaded %s in %.1f s; it runs %d sequences at once; %d chunks in flight; serves %s",
-             rt.engine.name, model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks, ", ".join(kinds))
+             rt.engine.name, model, rt.engine_start_s, rt.engine.max_num_seqs, rt.inflight_chunks, ", ".join(kinds),
+             extra={"worker": rt.host, "engine": rt.engine.name, "model": model, "engine_start_s": rt.engine_start_s})
     app = rt.queue.app
     tasks.bind(app)
     worker_id = rt.host
     worker = app.Worker(
         pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model, kind) for kind in kinds], loglevel=loglevel,
         hostname=worker_id, without_mingle=True, without_gossip=True,
-        quiet=loglevel not in ("DEBUG", "INFO"),  # no banner inside a command (`gristmill run`)
+        quiet=stop_when is not None or loglevel not in ("DEBUG", "INFO"),  # no banner inside a command (`run`)
     )
     workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs, kinds)
     threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler", daemon=True).start()
