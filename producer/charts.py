@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure  # drawn without pyplot: no display, no global figure state
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 CHARTS = {  # name: title
     "items_per_s": "Items finished per second",
@@ -21,7 +21,16 @@ CHARTS = {  # name: title
     "queue_wait": "Queue wait (s)",
     "engine_time": "Engine time per chunk (s)",
 }
-matplotlib.rcParams["svg.hashsalt"] = "gristmill"  # the same batch draws the same SVG ids every time
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A figure drawn without pyplot (no display, no global state); matplotlib is imported on first use:
+    it writes its font cache under the home folder."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.rcParams["svg.hashsalt"] = "gristmill"  # the same batch draws the same SVG ids every time
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _rate(ax: Axes, summary: dict[str, Any], series: str, name: str) -> None:
@@ -62,7 +71,7 @@ def draw(ax: Axes, summary: dict[str, Any], name: str) -> None:
 
 def svg(summary: dict[str, Any], name: str) -> str:
     """One chart as an SVG document (for inline use in HTML)."""
-    figure = Figure(figsize=(5.5, 3.2), layout="constrained")
+    figure = _figure(5.5, 3.2)
     draw(figure.add_subplot(), summary, name)
     out = io.StringIO()
     figure.savefig(out, format="svg")
@@ -72,7 +81,7 @@ def svg(summary: dict[str, Any], name: str) -> str:
 
 def plot(summary: dict[str, Any], path: str | Path) -> None:
     """All charts in one image; the format from the file's suffix (png, svg, pdf)."""
-    figure = Figure(figsize=(11, 6.8), layout="constrained")
+    figure = _figure(11, 6.8)
     figure.suptitle(f"{summary['batch_id']}: {summary['status']}, {summary['items']} items")
     for ax, name in zip(figure.subplots(2, 2).flat, CHARTS, strict=True):
         draw(ax, summary, name)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import openai
@@ -20,10 +22,14 @@ from selenium.webdriver.common.by import By
 from sqlalchemy import func, select
 
 from producer import keys
+from producer.schedules import load
+from producer.scheduler import Scheduler
+from producer.service import Service
 from schema.db import get_sessionmaker, prepare_schema
+from schema.settings import Settings
 from schema.states import ItemStatus
-from schema.tables import Item
-from tests.test_http_api import answers, free_port, run_to_end, start, wait_until
+from schema.tables import Item, ScheduleRun, Worker
+from tests.test_http_api import answers, free_port, start, wait_until
 
 PACED = "tests.fault_engine:PacedEngine"  # 300 items in about 2 s: charts with a shape
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -68,10 +74,26 @@ def sign_in(driver: webdriver.Chrome, base: str, key: str) -> None:
     wait_until(lambda: driver.current_url == base + "/", 10, "sign-in did not lead to the batches")
 
 
+def run_a_schedule(settings: Settings, tmp_path: Path) -> ScheduleRun:
+    """A manual run of a schedule over 12 files, run by the server's worker; returns the finished run."""
+    for n in range(12):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"{n}.txt").write_text(f"document {n}")
+    (tmp_path / "schedules.toml").write_text(
+        '[[schedule]]\nname = "digest"\ncron = "0 6 * * *"\nsource = { glob = "docs/*.txt" }\n'
+        'task = { kind = "generate", max_tokens = 8 }\n')
+    scheduler = Scheduler(Service(settings), load(tmp_path / "schedules.toml"))
+    run = scheduler.fire(scheduler.schedules["digest"], datetime.now(UTC), manual=True)
+    assert run is not None and run.batch_id is not None
+    wait_until(lambda: Service(settings).status(str(run.batch_id)).done, 60, "the schedule's batch did not end")
+    return scheduler.finish(run.id)
+
+
 def test_dashboard_in_a_browser(sqlite_url: str, settings_for, tmp_path: Path, browser: webdriver.Chrome) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(sqlite_url, reconcile_interval_s=1)
     prepare_schema(sqlite_url)
     key_a, key_b = keys.create(settings, "team-a", "a"), keys.create(settings, "team-b", "b")
+    admin = keys.create(settings, "ops", "ops", admin=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start(["serve", "--port", str(port), "--with-worker", "--engine", PACED], settings, tmp_path, "serve.log")
@@ -84,7 +106,14 @@ def test_dashboard_in_a_browser(sqlite_url: str, settings_for, tmp_path: Path, b
         api = openai.OpenAI(base_url=base + "/v1", api_key=key_a, max_retries=0)
         uploaded = api.files.create(file=(tmp_path / "in.jsonl").open("rb"), purpose="batch")
         batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-        assert run_to_end(api, batch.id).status == "completed"
+        busiest = (0, 0.0)  # the workers table while the batch runs: (chunks in flight, engine busy fraction)
+        while (status := api.batches.retrieve(batch.id).status) not in ("completed", "failed"):
+            with get_sessionmaker(sqlite_url)() as session:
+                for chunks, busy in session.execute(select(Worker.chunks_in_flight, Worker.busy_fraction)):
+                    busiest = (max(busiest[0], chunks), max(busiest[1], busy or 0.0))
+            time.sleep(0.2)
+        assert status == "completed"
+        assert busiest[0] >= 1 and busiest[1] > 0.5, busiest  # PacedEngine steps without pause: busy most of the time
         with get_sessionmaker(sqlite_url)() as session:
             counts = dict(session.execute(select(Item.status, func.count()).where(Item.batch_id == batch.id)
                                           .group_by(Item.status)).all())
@@ -112,7 +141,17 @@ def test_dashboard_in_a_browser(sqlite_url: str, settings_for, tmp_path: Path, b
         assert "null" in worker.text and "generate" in worker.text  # PacedEngine is a NullEngine
         screenshot(browser, tmp_path, "dashboard-workers")
         browser.find_element(By.LINK_TEXT, "Schedules").click()
-        assert browser.find_element(By.ID, "no-runs").is_displayed()
+        assert browser.find_element(By.ID, "no-runs").is_displayed()  # the run below is not project a's
+        assert console_errors(browser) == []
+
+        run = run_a_schedule(settings, tmp_path)
+        sign_in(browser, base, admin)  # an admin sees every project: the schedule's batch and project a's
+        assert browser.find_element(By.CSS_SELECTOR, f"tr[data-batch-id='{batch.id}']")
+        browser.find_element(By.LINK_TEXT, "Schedules").click()
+        latest = browser.find_element(By.ID, "schedules").text
+        assert "digest" in latest and "succeeded" in latest and str(run.batch_id) in latest
+        assert "12" in browser.find_element(By.ID, "runs").text  # its items
+        screenshot(browser, tmp_path, "dashboard-schedules")
         assert console_errors(browser) == []
 
         sign_in(browser, base, key_b)  # another project sees neither the batch nor its page
