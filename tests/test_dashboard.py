@@ -22,8 +22,8 @@ from selenium.webdriver.common.by import By
 from sqlalchemy import func, select
 
 from producer import keys
-from producer.schedules import load
 from producer.scheduler import Scheduler
+from producer.schedules import load
 from producer.service import Service
 from schema.db import get_sessionmaker, prepare_schema
 from schema.settings import Settings
