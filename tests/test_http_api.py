@@ -154,6 +154,8 @@ def test_a_batch_through_the_openai_client(stack, tmp_path: Path) -> None:  # ty
     assert worker[("gristmill_items_total", (("kind", "generate"), ("model", settings.model),
                                              ("outcome", "succeeded")))] == 16
     assert worker[("gristmill_output_tokens_total", (("kind", "generate"), ("model", settings.model)))] == 16
+    for histogram in ("gristmill_item_seconds_count", "gristmill_item_queue_wait_seconds_count"):
+        assert worker[(histogram, (("kind", "generate"), ("model", settings.model)))] == 16, histogram
     server = samples(base.removesuffix("/v1") + "/metrics", made["admin"])
     assert server[("gristmill_batch_items_total", (("kind", "generate"), ("model", settings.model),
                                                    ("outcome", "succeeded")))] == 16

@@ -24,6 +24,8 @@ CHUNK_SECONDS = Histogram("gristmill_chunk_seconds", "Engine time of a chunk", [
                           buckets=LATENCY_BUCKETS)
 QUEUE_WAIT_SECONDS = Histogram("gristmill_item_queue_wait_seconds", "From enqueued to its chunk's start",
                                ["kind", "model"], buckets=LATENCY_BUCKETS)
+ITEM_SECONDS = Histogram("gristmill_item_seconds", "From enqueued to finished, per item", ["kind", "model"],
+                         buckets=LATENCY_BUCKETS)
 CACHE_HITS = Counter("gristmill_cache_hits", "Claimed items answered from the result cache", ["kind", "model"])
 RETRIES = Counter("gristmill_chunk_retries", "Chunks given back to the queue, by reason", ["kind", "model", "reason"])
 REQUEUES = Counter("gristmill_reconciler_requeues", "Items the reconciler sent again (their message was lost)")
@@ -57,6 +59,7 @@ def finished(kind: str, model: str, outcomes: list[store.Outcome], succeeded: li
         wait = seconds_between(outcome.item.enqueued_at, started)  # SQLite's times come back without a zone
         if wait is not None:
             QUEUE_WAIT_SECONDS.labels(kind, model).observe(max(wait, 0.0))
+            ITEM_SECONDS.labels(kind, model).observe(max(seconds_between(outcome.item.enqueued_at, finished_at) or 0.0, 0.0))
 
 
 def gave_up(kind: str, model: str, count: int, code: str) -> None:
