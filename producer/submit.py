@@ -139,7 +139,8 @@ def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str, kind: s
     except Exception as exc:  # kombu raises many kinds; all mean "not delivered"
         _mark_failed(settings, batch_id, f"could not enqueue on {redact(settings.broker_url)}: {type(exc).__name__}")
         raise BrokerError(f"batch {batch_id} was stored but could not be enqueued on "
-                          f"{redact(settings.broker_url)}: {type(exc).__name__}: {redact(str(exc))}") from exc
+                          f"{redact(settings.broker_url)}: {type(exc).__name__}: {redact(str(exc))} (is the broker "
+                          f"running? check GRISTMILL_BROKER_URL)") from exc
     with make_session() as session, session.begin():
         store.close_if_done(session, batch_id)  # a batch whose every line failed validation ends now
 
