@@ -41,3 +41,34 @@ def test_a_bad_setting_is_one_line(sqlite_url: str, settings_for, tmp_path: Path
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: GRISTMILL_LOG_FORMAT: Input should be 'text' or 'json' (got 'yaml')"]
+
+
+def test_waiting_shows_the_phase_then_plain_progress_lines(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`status --wait` with stderr not a terminal: a line saying no worker runs the model yet, then, once
+    one starts, how long that took and plain progress lines ending with the batch's last state."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import cli_env
+    from tests.test_http_api import start
+
+    settings = settings_for(sqlite_url, reconcile_interval_s=1)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": f"doc {i}"}) + "\n"
+                                               for i in range(30)))
+    batch_id = gristmill("submit", "in.jsonl", settings=settings, cwd=tmp_path).stdout.strip()
+    waiting = subprocess.Popen([sys.executable, "-m", "producer.cli", "status", batch_id, "--wait"],
+                               env=cli_env(settings), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(3)
+    worker = start(["worker", "--engine", NULL], settings, tmp_path, "worker.log")
+    try:
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    lines = err.splitlines()
+    assert lines[0] == f"waiting for a worker that runs {settings.model} (gristmill worker --model {settings.model}) ..."
+    assert lines[1].startswith(f"waiting for a worker that runs {settings.model}") and " done in " in lines[1]
+    assert lines[-1].startswith("30/30 done (0 failed), completed")
+    assert out.strip().startswith("30/30 done (0 failed), completed")  # status's answer, on stdout
