@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "gristmill"  # prepared models
     chunk_size: int = Field(default=0, ge=0)  # items per task; 0: half the engine's max_num_seqs (schema.queue)
     inflight_chunks: int = Field(default=0, ge=0)  # chunks a worker runs at once; 0: from the engine's capacity
-    max_model_len: int = Field(default=2048, ge=64)
+    # Context length (prompt + output); None: the model's own (its config), capped by what vLLM's KV cache
+    # holds for one sequence.
+    max_model_len: int | None = Field(default=None, ge=64)
     max_line_bytes: int = Field(default=1_000_000, ge=1)
     max_items_per_batch: int = Field(default=100_000, ge=1)
     max_upload_bytes: int = Field(default=200 * 2**20, ge=1)  # a file uploaded to the HTTP API (OpenAI's: 200 MB)

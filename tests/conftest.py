@@ -100,7 +100,8 @@ def settings_for(tmp_path: Path):  # type: ignore[no-untyped-def]
 def cli_env(settings: Settings) -> dict[str, str]:
     """The environment a `gristmill` subprocess needs to run on these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRISTMILL_")}
-    env.update({f"GRISTMILL_{key.upper()}": str(value) for key, value in settings.model_dump().items()})
+    env.update({f"GRISTMILL_{key.upper()}": str(value) for key, value in settings.model_dump().items()
+                if value is not None})
     env["PYTHONPATH"] = str(REPO)
     return env
 

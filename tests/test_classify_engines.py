@@ -120,7 +120,7 @@ def test_engines_agree_on_label_logprobs(transformers_engine: TransformersEngine
 
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_too_long_text_fails_alone(request: pytest.FixtureRequest, name: str) -> None:
-    requests = [ClassifyRequest(text="word " * 3000, labels=["a", "b"]), *reviews()[:1]]
+    requests = [ClassifyRequest(text="word " * 9000, labels=["a", "b"]), *reviews()[:1]]
     too_long, fine = classify(get_engine(request, name), requests)
     assert too_long.error is not None and "context" in too_long.error and too_long.classification is None
     assert fine.error is None and fine.classification is not None

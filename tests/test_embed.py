@@ -89,7 +89,7 @@ def test_openai_embedding_lines(name: str, sqlite_url: str, settings_for, tmp_pa
     path.write_text(line("one", input=SENTENCES[0]) + line("two", input=SENTENCES[:2])
                     + line("b64", input=SENTENCES[0], encoding_format="base64")
                     + line("short", input=SENTENCES[0], dimensions=64)
-                    + line("long", input="word " * 3000) + line("other", input="x", model="text-embedding-3-small"))
+                    + line("long", input="word " * 9000) + line("other", input="x", model="text-embedding-3-small"))
     handle = api.submit(path, settings=settings, task="embed")
     with get_sessionmaker(sqlite_url)() as session:
         ids = list(session.scalars(select(Item.id).where(Item.batch_id == handle.id, Item.status == "queued")))

@@ -161,7 +161,7 @@ def test_stop_string_is_honoured(request: pytest.FixtureRequest, name: str) -> N
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_too_long_prompt_fails_alone(request: pytest.FixtureRequest, name: str) -> None:
     engine = get_engine(request, name)
-    long_prompt = GenerationRequest(prompt="word " * 3000, sampling=SamplingParams(max_tokens=4))
+    long_prompt = GenerationRequest(prompt="word " * 9000, sampling=SamplingParams(max_tokens=4))
     too_long, fine = engine.generate([long_prompt, chat(max_tokens=8)])
     assert too_long.finish_reason == "error"
     assert too_long.error is not None and f"context is {engine.max_model_len}" in too_long.error
@@ -237,3 +237,21 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_context_length_and_why(caplog: pytest.LogCaptureFixture) -> None:
+    from worker.engines import DEFAULT_CONTEXT, context_length
+
+    caplog.set_level("INFO", logger="worker.engines")
+    assert context_length(None, 8192, "e") == 8192 and caplog.messages[-1].endswith("the model's own (its config)")
+    assert context_length(2048, 8192, "e") == 2048 and caplog.messages[-1].endswith("set by GRISTMILL_MAX_MODEL_LEN")
+    assert context_length(None, 8192, "e", chosen=5000) == 5000
+    assert caplog.messages[-1].endswith("what the KV cache holds for one sequence (the model's own is 8192)")
+    assert context_length(16384, 8192, "e") == 8192 and "asks for 16384, more than it knows" in caplog.messages[-1]
+    assert context_length(None, None, "e") == DEFAULT_CONTEXT and "names none" in caplog.messages[-1]
+
+
+def test_default_context_is_the_models_own(transformers_loop: Any, vllm_loop: Any) -> None:
+    """No GRISTMILL_MAX_MODEL_LEN: both engines take the default model's own context (SmolLM2 was trained
+    for 8,192 tokens; vLLM's CPU KV cache holds that for one sequence)."""
+    assert transformers_loop[0].max_model_len == vllm_loop[0].max_model_len == 8192

@@ -45,7 +45,7 @@ def test_generation_failures_have_codes_and_are_not_retried(db_url: str, setting
                                                              engine: tuple[Any, EngineLoop]) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(db_url)
     path = tmp_path / "in.jsonl"
-    path.write_text(line("ok", "Say hi.") + line("long", "word " * 3000) + line("other", "x", model="gpt-4o")
+    path.write_text(line("ok", "Say hi.") + line("long", "word " * 9000) + line("other", "x", model="gpt-4o")
                     + line("stream", "x", stream=True) + line("n", "x", n=2))
     handle = api.submit(path, settings=settings, sampling=SamplingParams(max_tokens=4))
     items = run_all(settings, handle, engine)
@@ -63,7 +63,7 @@ def test_classification_failures_have_codes(sqlite_url: str, settings_for, tmp_p
     settings = settings_for(sqlite_url)
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"id": "ok", "text": "I love it."}) + "\n"
-                    + json.dumps({"id": "long", "text": "word " * 3000}) + "\n")
+                    + json.dumps({"id": "long", "text": "word " * 9000}) + "\n")
     handle = api.submit(path, settings=settings, task="classify", labels=["positive", "negative"])
     items = run_all(settings, handle, engine)
     assert (items["ok"].status, items["long"].status) == (ItemStatus.succeeded, ItemStatus.failed)

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 ENGINES = ("vllm", "transformers")
+DEFAULT_CONTEXT = 2048  # for a model whose config names no context length
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,24 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, request: GenerationRequ
     else:
         raise ModelError("the request has neither `messages` nor a non-empty `prompt`")
     return list(ids)
+
+
+def context_length(asked: int | None, own: int | None, engine: str, chosen: int | None = None) -> int:
+    """The context an engine runs with: `asked` (GRISTMILL_MAX_MODEL_LEN) up to the model's `own`, else its
+    own; `chosen`: what the engine settled on itself (vLLM fits it to its KV cache). Logs what and why."""
+    context = chosen or min((n for n in (asked, own) if n), default=DEFAULT_CONTEXT)
+    if asked and context == asked:
+        why = "set by GRISTMILL_MAX_MODEL_LEN"
+    elif asked and own and asked > own:
+        why = f"the model's own (its config): GRISTMILL_MAX_MODEL_LEN asks for {asked}, more than it knows"
+    elif own is None:
+        why = "a default: the model's config names none"
+    elif context < own:
+        why = f"what the KV cache holds for one sequence (the model's own is {own})"
+    else:
+        why = "the model's own (its config)"
+    logger.info("%s engine: context %d tokens, %s", engine, context, why)
+    return context
 
 
 def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from schema.errors import EngineError, ErrorCode, ModelError
 from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
+from worker.engines import context_length
 from worker.engines.base import CLASSIFY_HEAD
 from worker.engines.labels import HeadScores
 from worker.engines.transformers_engine import compute_dtype
@@ -47,8 +48,8 @@ class TransformersHeadEngine:
         if loaded.config.pad_token_id is None:  # the model finds each row's last token by it
             loaded.config.pad_token_id = self._tokenizer.pad_token_id
         self._model: Any = loaded.to(self.device).eval()
-        context = getattr(loaded.config, "max_position_embeddings", None) or 10**9
-        self.max_model_len = min(max_model_len or settings.max_model_len, context)
+        own = getattr(loaded.config, "max_position_embeddings", None)
+        self.max_model_len = context_length(max_model_len or settings.max_model_len, own, "transformers head")
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
         """The model's softmax for each text; a text longer than the context fails alone."""

@@ -15,7 +15,7 @@ from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import admit, failed_result, hf_embed, hf_labels, hf_structured
+from worker.engines import admit, context_length, failed_result, hf_embed, hf_labels, hf_structured
 from worker.engines.base import EMBED, GENERATE, SCORE_LABELS, Embedded
 from worker.engines.labels import (
     Choice,
@@ -68,8 +68,8 @@ class TransformersEngine:
         source = resolve_model(model)
         self._tokenizer, self._model = _load(source, dtype or compute_dtype(), self.device)
         self.pooling, self.matryoshka = pooling_of(source.folder), is_matryoshka(source.folder)
-        context = getattr(self._model.config, "max_position_embeddings", None) or 10**9
-        self.max_model_len = min(max_model_len or settings.max_model_len, context)
+        own = getattr(self._model.config, "max_position_embeddings", None)
+        self.max_model_len = context_length(max_model_len or settings.max_model_len, own, self.name)
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
         self._enforcer_data: Any = None  # lm-format-enforcer's view of the vocabulary, on first use
         self.max_num_seqs = batch_size

@@ -21,7 +21,7 @@ from schema.errors import EngineError, ErrorCode
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import admit, failed_result, run_to_completion, vllm_labels
+from worker.engines import admit, context_length, failed_result, run_to_completion, vllm_labels
 from worker.engines.base import GENERATE, SCORE_LABELS
 from worker.engines.labels import (
     Choice,
@@ -104,7 +104,8 @@ class VLLMEngine:
     ) -> None:
         settings = settings or get_settings()
         self.model_name = model
-        self.max_model_len = max_model_len or settings.max_model_len
+        asked = max_model_len or settings.max_model_len or settings.vllm_options.get("max_model_len")
+        self.max_model_len = asked or -1  # -1: vLLM takes the model's own, fitted to its KV cache
         self.on_cpu = not torch.cuda.is_available()
         self._vllm_options = settings.vllm_options
         folder = prepare_for_vllm(resolve_model(model), settings.cache_dir)
@@ -113,7 +114,8 @@ class VLLMEngine:
         self._keys = itertools.count()
         self.options = effective_options(self._llm.llm_engine.vllm_config)
         self.max_num_seqs = int(self.options["max_num_seqs"])
-        self.max_model_len = int(self.options["max_model_len"])  # GRISTMILL_VLLM_OPTIONS may have set it
+        own = getattr(self._llm.llm_engine.model_config.hf_text_config, "max_position_embeddings", None)
+        self.max_model_len = context_length(asked, own, self.name, chosen=int(self.options["max_model_len"]))
         if self._llm.llm_engine.model_config.runner_type == "generate":
             try:
                 warm_up(self._llm, self._tokenizer)

@@ -24,9 +24,8 @@ class VLLMHeadEngine(VLLMEngine):
         config = head_config(resolve_model(model))
         if config is None:
             raise ModelError(f"model '{model}' is not a sequence-classification model with id2label")
-        context = int(config.get("max_position_embeddings") or settings.max_model_len)
-        super().__init__(model, settings=settings, max_model_len=min(max_model_len or settings.max_model_len,
-                                                                     context))
+        asked, own = max_model_len or settings.max_model_len, config.get("max_position_embeddings")
+        super().__init__(model, settings=settings, max_model_len=min(asked, own or asked) if asked else None)
         self.head_labels = head_labels(config)
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
