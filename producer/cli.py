@@ -179,13 +179,15 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def summary_line(status: str, summary: dict[str, Any], counts: Any, wall: float, engine_start_s: float) -> str:
     """`completed: 16 items, 16 succeeded, 0 failed in 41.3 s (engine start 30.2 s, processing 9.8 s);
-    tokens: 812 prompt (82.9/s), 634 output (64.7/s)`: rates over the processing time."""
+    tokens: 812 prompt (82.9/s), 634 output (64.7/s), 1446 total (147.6/s), 1.63 items/s`: rates over
+    the processing time."""
     run_s = summary["run_s"] or 0.0
     per_s = (lambda n: f"{n / run_s:.1f}/s") if run_s else (lambda n: "-/s")
     return (f"{status}: {summary['items']} items, {counts.succeeded} succeeded, {counts.failed} failed in "
             f"{wall:.1f} s (engine start {engine_start_s:.1f} s, processing {run_s:.1f} s); tokens: "
             f"{summary['prompt_tokens']} prompt ({per_s(summary['prompt_tokens'])}), "
             f"{summary['completion_tokens']} output ({per_s(summary['completion_tokens'])}), "
+            f"{summary['total_tokens']} total ({per_s(summary['total_tokens'])}), "
             f"{per_s(summary['succeeded'] + summary['failed']).removesuffix('/s')} items/s")
 
 

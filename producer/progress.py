@@ -43,12 +43,13 @@ def duration(seconds: float | None) -> str:
 
 
 def render(info: BatchObject, rates: Rates | None = None) -> str:
-    """One plain line: `120/1000 done (3 failed), in_progress, 12.5 items/s, 840 tokens/s, ETA 1m10s`
-    (the rates over the last minute; tokens: output tokens)."""
+    """One plain line: `120/1000 done (3 failed), in_progress, 12.5 items/s, 9800 prompt + 840 output
+    tokens/s, ETA 1m10s` (the rates over the last minute)."""
     counts = info.request_counts
     line = f"{counts.completed + counts.failed}/{counts.total} done ({counts.failed} failed), {info.status}"
     if rates is not None and rates.items_per_s is not None:
-        line += f", {rates.items_per_s:.1f} items/s, {rates.output_tokens_per_s or 0:.0f} tokens/s"
+        line += (f", {rates.items_per_s:.1f} items/s, {rates.prompt_tokens_per_s or 0:.0f} prompt + "
+                 f"{rates.output_tokens_per_s or 0:.0f} output tokens/s")
     if not info.done:
         line += f", ETA {duration(eta_s(info, rates.items_per_s if rates else None))}"
     return line

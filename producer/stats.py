@@ -118,6 +118,8 @@ def summarise(session: Session, batch_id: str) -> dict[str, Any]:
         "completion_tokens": int(completion_tokens),
         "output_tokens_per_s": completion_tokens / run_s if run_s else None,
         "prompt_tokens_per_s": prompt_tokens / run_s if run_s else None,
+        "total_tokens": int(prompt_tokens + completion_tokens),
+        "total_tokens_per_s": (prompt_tokens + completion_tokens) / run_s if run_s else None,
         "items_per_s": (batch.succeeded + batch.failed) / run_s if run_s else None,
         "workers": [{"host": h, "engine": e, "model": m} for h, e, m in workers],
         "errors": errors(session, batch_id),
