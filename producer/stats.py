@@ -95,8 +95,9 @@ def summarise(session: Session, batch_id: str) -> dict[str, Any]:
     first_start, last_finish = session.execute(
         select(func.min(Item.started_at), func.max(Item.finished_at)).where(
             Item.batch_id == batch_id, Item.started_at.is_not(None))).one()
-    prompt_tokens, completion_tokens = session.execute(
-        select(func.coalesce(func.sum(Result.prompt_tokens), 0), func.coalesce(func.sum(Result.completion_tokens), 0))
+    prompt_tokens, completion_tokens, truncated_items, truncated_tokens = session.execute(
+        select(func.coalesce(func.sum(Result.prompt_tokens), 0), func.coalesce(func.sum(Result.completion_tokens), 0),
+               func.count().filter(Result.truncated_tokens > 0), func.coalesce(func.sum(Result.truncated_tokens), 0))
         .where(Result.batch_id == batch_id)).one()
     workers = session.execute(
         select(EngineBatch.worker_host, EngineBatch.engine, EngineBatch.model).where(
@@ -119,6 +120,8 @@ def summarise(session: Session, batch_id: str) -> dict[str, Any]:
         "output_tokens_per_s": completion_tokens / run_s if run_s else None,
         "prompt_tokens_per_s": prompt_tokens / run_s if run_s else None,
         "total_tokens": int(prompt_tokens + completion_tokens),
+        "truncated_items": int(truncated_items),  # answered from a document cut to fit the context
+        "truncated_tokens": int(truncated_tokens),
         "total_tokens_per_s": (prompt_tokens + completion_tokens) / run_s if run_s else None,
         "items_per_s": (batch.succeeded + batch.failed) / run_s if run_s else None,
         "workers": [{"host": h, "engine": e, "model": m} for h, e, m in workers],

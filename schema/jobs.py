@@ -41,6 +41,13 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(default=None, description="sampling seed")
     # Decoding constraint, as vLLM keeps structured outputs in its SamplingParams; set per line or kind.
     response_format: ResponseFormat | None = Field(default=None, json_schema_extra={"cli": "hidden"})
+    # A prompt longer than the context (less max_tokens): cut its document, the last user message or the
+    # raw prompt, by tokens (the instruction and chat template stay), keeping its head, its tail, or both
+    # ends. None: the item fails with context_length_exceeded. vLLM's truncate_prompt_tokens sets both.
+    truncate: Literal["head", "tail", "middle"] | None = Field(
+        default=None, description="a document too long for the context keeps its head, tail or both ends "
+                                  "(middle cut) instead of failing")
+    truncate_to: int | None = Field(default=None, ge=1, json_schema_extra={"cli": "hidden"})  # prompt tokens kept
 
 
 class GenerationRequest(BaseModel):
@@ -60,6 +67,7 @@ class GenerationResult(BaseModel):
     completion_tokens: int = 0
     error: str | None = None
     error_code: ErrorCode | None = None  # set with `error`
+    truncated_tokens: int = 0  # tokens cut from the document to fit (SamplingParams.truncate)
 
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -109,6 +109,8 @@ class RequestBody(BaseModel):
     response_format: ResponseFormatBody | None = None
     structured_outputs: StructuredOutputsBody | None = None
     guided_choice: Choices | None = None  # vLLM's name for structured_outputs.choice before 0.11
+    # vLLM's extension: keep at most this many prompt tokens, cutting the document's start (-1: the context)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
 
     @model_validator(mode="after")
     def _one_constraint(self) -> RequestBody:
@@ -139,6 +141,7 @@ class RequestBody(BaseModel):
             "stop": self.stop,
             "seed": self.seed,
             "response_format": self._format(),
+            **self._truncation(),
         }
         # null, like absent, means the job's default
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
@@ -146,6 +149,12 @@ class RequestBody(BaseModel):
             overrides["stop"] = None  # an explicit [] clears the job's stop strings
         return overrides
 
+
+    def _truncation(self) -> dict[str, Any]:
+        """vLLM's truncate_prompt_tokens keeps the prompt's last tokens: the document's tail."""
+        if self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == 0:
+            return {}
+        return {"truncate": "tail", "truncate_to": self.truncate_prompt_tokens if self.truncate_prompt_tokens > 0 else None}
 
     def _format(self) -> ResponseFormat | None:
         choice = self.structured_outputs.choice if self.structured_outputs else self.guided_choice

@@ -25,6 +25,8 @@ class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # gristmill's extension, only when the document was cut to fit the context (OpenAI clients ignore it)
+    truncated_tokens: int | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class AssistantMessage(_Out):
@@ -94,10 +96,10 @@ def new_line_id() -> str:
 
 def success_line(custom_id: str, request_id: str, model: str, url: str, text: str,
                  finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, created: int,
-                 line_id: str | None = None) -> OutputLine:
+                 line_id: str | None = None, truncated_tokens: int = 0) -> OutputLine:
     """A succeeded request: a chat.completion (CHAT_URL) or text_completion (COMPLETIONS_URL) body."""
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                  total_tokens=prompt_tokens + completion_tokens)
+                  total_tokens=prompt_tokens + completion_tokens, truncated_tokens=truncated_tokens or None)
     body: ChatCompletionBody | CompletionBody
     if url == CHAT_URL:
         choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)

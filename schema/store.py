@@ -45,6 +45,7 @@ class Outcome:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    truncated_tokens: int = 0  # document tokens cut to fit the context
     error: str | None = None
     error_code: str | None = None  # schema.errors.ErrorCode, set with `error` (engine_error when not)
 
@@ -124,7 +125,8 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
     if succeeded:
         results = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
                     "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
-                    "completion_tokens": o.completion_tokens, "created_at": finished} for o in succeeded]
+                    "completion_tokens": o.completion_tokens, "truncated_tokens": o.truncated_tokens,
+                    "created_at": finished} for o in succeeded]
         insert_ignore(session, Result, results)
     failed = sum(1 for status in moved.values() if status == ItemStatus.failed)
     count(session, batch_id, succeeded=len(succeeded), failed=failed)

@@ -120,6 +120,7 @@ class Result(Base):
     finish_reason: Mapped[str] = mapped_column(String(16))
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
+    truncated_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # cut to fit the context
     created_at: Mapped[datetime] = mapped_column(Timestamp)
 
 

@@ -255,3 +255,27 @@ def test_default_context_is_the_models_own(transformers_loop: Any, vllm_loop: An
     """No GRISTMILL_MAX_MODEL_LEN: both engines take the default model's own context (SmolLM2 was trained
     for 8,192 tokens; vLLM's CPU KV cache holds that for one sequence)."""
     assert transformers_loop[0].max_model_len == vllm_loop[0].max_model_len == 8192
+
+
+@pytest.mark.parametrize("name", ENGINE_NAMES)
+def test_truncation_fits_the_context_and_keeps_the_instruction(request: pytest.FixtureRequest, name: str) -> None:
+    """A prompt past the context with `truncate`: its document (the last user message) is cut to leave
+    room for max_tokens, the system message kept; head, tail and middle keep the parts they say (shown
+    on a 600-token cut, where this small model still reads a word at either end reliably)."""
+    engine = get_engine(request, name)
+    document = "The secret word is PINEAPPLE.\n" + "Nothing happened today. " * 1500 + "\nThe secret word is MANGO."
+
+    def ask(**truncation: Any) -> GenerationRequest:
+        return GenerationRequest(messages=[
+            ChatMessage(role="system", content="What is the secret word in the user's text? Answer with the word only."),
+            ChatMessage(role="user", content=document)], sampling=SamplingParams(max_tokens=8, **truncation))
+
+    full, head, tail, middle = engine.generate([ask(truncate="head")] + [
+        ask(truncate=keep, truncate_to=600) for keep in ("head", "tail", "middle")])
+    assert full.error is None and full.truncated_tokens > 3000
+    assert engine.max_model_len - 8 - 4 <= full.prompt_tokens <= engine.max_model_len - 8  # room for max_tokens
+    for result in (head, tail, middle):
+        assert result.error is None and 590 <= result.prompt_tokens <= 600 and result.truncated_tokens > 5000
+    assert "PINEAPPLE" in head.text and "MANGO" in tail.text
+    assert "PINEAPPLE" not in tail.text and "MANGO" not in head.text
+    assert "MANGO" in middle.text or "PINEAPPLE" in middle.text  # both ends are in its prompt

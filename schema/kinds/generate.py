@@ -21,7 +21,7 @@ from schema.states import ItemStatus
 from schema.tables import Batch, Item, Result
 
 CSV_COLUMNS = ["custom_id", "status", "output_text", "finish_reason", "prompt_tokens", "completion_tokens",
-               "error_code", "error"]
+               "truncated_tokens", "error_code", "error"]
 
 
 class GenerateSpec(BaseModel):
@@ -48,7 +48,7 @@ class Generate(Kind):
         stmt = (
             select(Item.id, Item.custom_id, Item.endpoint, Item.status, Item.last_error, Item.error_code, Item.model,
                    Result.output_text, Result.finish_reason, Result.prompt_tokens, Result.completion_tokens,
-                   Result.created_at)
+                   Result.truncated_tokens, Result.created_at)
             .outerjoin(Result, Result.item_id == Item.id)
             .where(Item.batch_id == batch.id)
             .order_by(Item.line)
@@ -63,6 +63,7 @@ class Generate(Kind):
                 url=row.endpoint, text=row.output_text, finish_reason=row.finish_reason,
                 prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
                 created=epoch(row.created_at) or 0, line_id=f"batch_req_{row.id}",
+                truncated_tokens=row.truncated_tokens or 0,
             )
         if row.status in ERROR_CODES:
             return error_line(row.custom_id, error_code(row), row.last_error or row.status,
@@ -77,7 +78,8 @@ class Generate(Kind):
         return {
             "custom_id": row.custom_id, "status": row.status, "output_text": row.output_text if ok else "",
             "finish_reason": row.finish_reason if ok else "", "prompt_tokens": row.prompt_tokens if ok else "",
-            "completion_tokens": row.completion_tokens if ok else "", "error_code": "" if ok else error_code(row),
+            "completion_tokens": row.completion_tokens if ok else "",
+            "truncated_tokens": (row.truncated_tokens or 0) if ok else "", "error_code": "" if ok else error_code(row),
             "error": "" if ok else row.last_error,
         }
 

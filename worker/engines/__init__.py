@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from schema.errors import EngineError, ErrorCode, ModelError
@@ -170,22 +171,86 @@ def failed_result(error: str, prompt_tokens: int = 0, code: ErrorCode = ErrorCod
     return GenerationResult(finish_reason="error", error=error, error_code=code, prompt_tokens=prompt_tokens)
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A request that can run: its index, its prompt's token ids, and how many document tokens were cut."""
+
+    index: int
+    ids: list[int]
+    truncated: int = 0
+
+
 def admit(
     tokenizer: PreTrainedTokenizerBase, requests: list[GenerationRequest], max_model_len: int
-) -> tuple[list[GenerationResult | None], list[tuple[int, list[int]]]]:
-    """Tokenize every request. Returns one slot per request, already filled with the failure of those
-    that cannot run, and the (index, token ids) of those that can."""
+) -> tuple[list[GenerationResult | None], list[Admitted]]:
+    """Tokenize every request, cutting the document of one too long for the context when it asks to be
+    truncated. Returns one slot per request, already filled with the failure of those that cannot run,
+    and those that can."""
     results: list[GenerationResult | None] = [None] * len(requests)
-    runnable: list[tuple[int, list[int]]] = []
+    runnable: list[Admitted] = []
     for index, request in enumerate(requests):
         try:
             ids = prompt_token_ids(tokenizer, request)
         except ModelError as exc:
             results[index] = failed_result(str(exc), code=ErrorCode.invalid_request)
             continue
-        error = context_error(len(ids), request.sampling.max_tokens, max_model_len)
+        sampling = request.sampling
+        error = context_error(len(ids), sampling.max_tokens, max_model_len)
+        if sampling.truncate and (error or (sampling.truncate_to and len(ids) > sampling.truncate_to)):
+            fitted = fit(tokenizer, request, len(ids), max_model_len)
+            if fitted is not None:
+                runnable.append(Admitted(index, fitted[0], fitted[1]))
+                continue
         if error:
             results[index] = failed_result(error, len(ids), ErrorCode.context_length_exceeded)
         else:
-            runnable.append((index, ids))
+            runnable.append(Admitted(index, ids))
     return results, runnable
+
+
+def fit(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, prompt_tokens: int,
+        max_model_len: int) -> tuple[list[int], int] | None:
+    """The token ids of the request with its document (its last user message, or its raw prompt) cut to
+    fit the context with room for max_tokens (and within truncate_to), keeping what `truncate` says, and
+    how many document tokens went; None when the rest of the prompt alone does not fit."""
+    sampling = request.sampling
+    room = min(max_model_len - sampling.max_tokens, sampling.truncate_to or max_model_len)
+    document = _document(request)
+    if document is None:
+        return None
+    doc_ids = list(tokenizer(document, add_special_tokens=False)["input_ids"])
+    keep = len(doc_ids) - (prompt_tokens - room)
+    for _ in range(4):  # the cut text, tokenized again, may split or merge a token where it was cut
+        if keep <= 0:
+            return None
+        ids = prompt_token_ids(tokenizer, _with_document(request, _cut(tokenizer, doc_ids, keep, sampling.truncate)))
+        if len(ids) <= room:
+            return ids, len(doc_ids) - keep
+        keep -= len(ids) - room + 1
+    return None
+
+
+def _document(request: GenerationRequest) -> str | None:
+    if request.messages:
+        users = [m for m in request.messages if m.role == "user"]
+        return users[-1].content if users else None
+    return request.prompt
+
+
+def _with_document(request: GenerationRequest, text: str) -> GenerationRequest:
+    if not request.messages:
+        return request.model_copy(update={"prompt": text})
+    last = max(i for i, m in enumerate(request.messages) if m.role == "user")
+    messages = [m.model_copy(update={"content": text}) if i == last else m for i, m in enumerate(request.messages)]
+    return request.model_copy(update={"messages": messages})
+
+
+def _cut(tokenizer: PreTrainedTokenizerBase, ids: list[int], keep: int, how: str | None) -> str:
+    """The text of `keep` of the document's tokens: its first (head), its last (tail), or half of each
+    end with an ellipsis between (middle)."""
+    if how == "head":
+        return str(tokenizer.decode(ids[:keep]))
+    if how == "tail":
+        return str(tokenizer.decode(ids[-keep:]))
+    front = keep // 2
+    return f"{tokenizer.decode(ids[:front])} … {tokenizer.decode(ids[len(ids) - (keep - front):])}"

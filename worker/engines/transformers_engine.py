@@ -15,7 +15,7 @@ from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import admit, context_length, failed_result, hf_embed, hf_labels, hf_structured
+from worker.engines import Admitted, admit, context_length, failed_result, hf_embed, hf_labels, hf_structured
 from worker.engines.base import EMBED, GENERATE, SCORE_LABELS, Embedded
 from worker.engines.labels import (
     Choice,
@@ -34,6 +34,7 @@ DEFAULT_BATCH_SIZE = 32
 class _Item:
     index: int  # position in the caller's request list
     ids: list[int]
+    truncated: int = 0  # document tokens cut to fit (worker.engines.fit)
 
 
 def compute_dtype() -> torch.dtype:
@@ -74,16 +75,16 @@ class TransformersEngine:
         self._enforcer_data: Any = None  # lm-format-enforcer's view of the vocabulary, on first use
         self.max_num_seqs = batch_size
         self._keys = itertools.count()
-        self._pending: dict[str, tuple[SamplingParams, list[int]]] = {}  # key -> (sampling, prompt ids)
+        self._pending: dict[str, tuple[SamplingParams, Admitted]] = {}  # key -> (sampling, prompt ids)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         self._require_model()
         results, runnable = admit(self._tokenizer, requests, self.max_model_len)
         # Only requests with identical sampling parameters can share one generate() call.
         groups: dict[str, tuple[SamplingParams, list[_Item]]] = {}
-        for index, ids in runnable:
-            sampling = requests[index].sampling
-            groups.setdefault(sampling.model_dump_json(), (sampling, []))[1].append(_Item(index, ids))
+        for a in runnable:
+            sampling = requests[a.index].sampling
+            groups.setdefault(sampling.model_dump_json(), (sampling, []))[1].append(_Item(a.index, a.ids, a.truncated))
         for sampling, items in groups.values():
             for index, result in self._run_group(sampling, items):
                 results[index] = result
@@ -96,7 +97,7 @@ class TransformersEngine:
         if failure is not None:
             return failure
         key = str(next(self._keys))
-        self._pending[key] = (request.sampling, runnable[0][1])
+        self._pending[key] = (request.sampling, runnable[0])
         return key
 
     def step(self) -> list[tuple[str, GenerationResult]]:
@@ -105,7 +106,8 @@ class TransformersEngine:
             return []
         sampling = next(iter(self._pending.values()))[0]
         keys = [k for k, (s, _) in self._pending.items() if s == sampling][: self.batch_size]
-        items = [_Item(index, self._pending.pop(key)[1]) for index, key in enumerate(keys)]
+        admitted = [self._pending.pop(key)[1] for key in keys]
+        items = [_Item(index, a.ids, a.truncated) for index, a in enumerate(admitted)]
         keys_by_index = dict(enumerate(keys))
         return [(keys_by_index[index], result) for index, result in self._run_group(sampling, items)]
 
@@ -241,6 +243,7 @@ class TransformersEngine:
             finish_reason="stop" if finished else "length",
             prompt_tokens=len(item.ids),
             completion_tokens=len(tokens),
+            truncated_tokens=item.truncated,
         )
 
     def _until_eos(self, tokens: list[int]) -> tuple[list[int], bool]:

@@ -125,6 +125,7 @@ class VLLMEngine:
         log.info("vLLM engine ready: %s", json.dumps(self.options))
         # Finished generation results that a classification call stepped past; step() hands them out.
         self._stash: list[tuple[str, GenerationResult]] = []
+        self._truncated: dict[str, int] = {}  # key -> document tokens cut to fit (worker.engines.fit)
 
     def _start(self, folder: str) -> vllm.LLM:
         import vllm
@@ -173,13 +174,15 @@ class VLLMEngine:
         params.output_kind = RequestOutputKind.FINAL_ONLY  # we only want finished sequences
         key = str(next(self._keys))
         try:
-            llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=runnable[0][1]), params)
+            llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=runnable[0].ids), params)
         except RuntimeError as exc:  # the engine, not the request
             raise EngineError(f"vLLM could not take a request: {exc}") from exc
         except (ValueError, VLLMClientError) as exc:
             # A response_format whose schema no grammar can satisfy (minimum above maximum) is refused here.
             code = ErrorCode.schema_mismatch if params.structured_outputs else ErrorCode.invalid_request
             return failed_result(f"vLLM refused the request: {exc}", code=code)
+        if runnable[0].truncated:
+            self._truncated[key] = runnable[0].truncated
         return key
 
     def step(self) -> list[tuple[str, GenerationResult]]:
@@ -188,7 +191,12 @@ class VLLMEngine:
         if stashed and not self._require_llm().llm_engine.has_unfinished_requests():
             return stashed
         outputs = cast("list[RequestOutput]", self._require_llm().llm_engine.step())  # a generating engine
-        return stashed + [(output.request_id, _result(output)) for output in outputs if output.finished]
+        return stashed + [(output.request_id, self._result(output)) for output in outputs if output.finished]
+
+    def _result(self, output: RequestOutput) -> GenerationResult:
+        result = _result(output)
+        truncated = self._truncated.pop(output.request_id, 0)
+        return result.model_copy(update={"truncated_tokens": truncated}) if truncated else result
 
     def has_unfinished(self) -> bool:
         return bool(self._stash) or self._require_llm().llm_engine.has_unfinished_requests()
@@ -256,6 +264,8 @@ class VLLMEngine:
 
     def abort(self, keys: list[str]) -> None:
         self._require_llm().llm_engine.abort_request(keys)
+        for key in keys:
+            self._truncated.pop(key, None)
 
     def healthy(self) -> bool:
         """False once an engine process has died: vLLM's step would then wait forever."""

@@ -39,7 +39,8 @@ def checked(request: GenerationRequest, result: GenerationResult) -> GenerationR
 
 def outcome(item: store.Claimed, r: GenerationResult) -> store.Outcome:
     return store.Outcome(item=item, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                         completion_tokens=r.completion_tokens, error=r.error, error_code=r.error_code)
+                         completion_tokens=r.completion_tokens, truncated_tokens=r.truncated_tokens, error=r.error,
+                         error_code=r.error_code)
 
 
 RUNNER = Generate()
