@@ -76,7 +76,7 @@ def timeline(session: Session, batch_id: str, start: Any) -> dict[str, Any]:
 
 def errors(session: Session, batch_id: str) -> list[dict[str, Any]]:
     """Failed items by error code, most frequent first, with a few examples of each."""
-    failed = (Item.batch_id == batch_id, Item.status == ItemStatus.failed)
+    failed = (Item.batch_id == batch_id, Item.status == ItemStatus.failed, Item.parent_id.is_(None))  # not windows
     codes = session.execute(select(Item.error_code, func.count()).where(*failed).group_by(Item.error_code)
                             .order_by(func.count().desc())).all()
     return [{"code": code or ErrorCode.engine_error.value, "count": count, "examples": [

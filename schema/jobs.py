@@ -45,9 +45,31 @@ class SamplingParams(BaseModel):
     # raw prompt, by tokens (the instruction and chat template stay), keeping its head, its tail, or both
     # ends. None: the item fails with context_length_exceeded. vLLM's truncate_prompt_tokens sets both.
     truncate: Literal["head", "tail", "middle"] | None = Field(
-        default=None, description="a document too long for the context keeps its head, tail or both ends "
-                                  "(middle cut) instead of failing")
-    truncate_to: int | None = Field(default=None, ge=1, json_schema_extra={"cli": "hidden"})  # prompt tokens kept
+        default=None, exclude_if=lambda v: v is None,
+        description="a document too long for the context keeps its head, tail or both ends (middle cut) "
+                    "instead of failing")
+    truncate_to: int | None = Field(default=None, ge=1, exclude_if=lambda v: v is None,
+                                    json_schema_extra={"cli": "hidden"})  # prompt tokens kept
+
+
+class Windowing(BaseModel):
+    """A document longer than the context: split into token windows that overlap (map), each answered
+    with the item's instruction, then the answers combined (reduce); recursively when they are too long
+    for one reduce. The document is the last user message or the raw prompt (see SamplingParams.truncate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    long_documents: Literal["fail", "map-reduce"] = Field(
+        default="fail", description="a document too long for the context fails (context_length_exceeded), or "
+                                    "is split into windows whose answers are combined")
+    window_tokens: int | None = Field(default=None, ge=32, description="document tokens per window (default: as "
+                                                                      "many as fit with the instruction and max_tokens)")
+    window_overlap: int = Field(default=64, ge=0, description="tokens neighbouring windows share (64; at most "
+                                                               "half a window)")
+    reduce_prompt: str | None = Field(default=None, description="the instruction that combines the windows' "
+                                                                "answers (default: a generic one, with the item's)")
+    merge: Literal["prompt", "first", "concat"] = Field(
+        default="prompt", description="extract: windows' answers combine by the reduce prompt, the first non-null "
+                                      "value of each field, or lists concatenated")
 
 
 class GenerationRequest(BaseModel):
@@ -56,6 +78,12 @@ class GenerationRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     sampling: SamplingParams = SamplingParams()
+    # Map-reduce over windows for a document too long for the context (None: it fails); left out of the
+    # request's JSON when None, so the requests, and their result-cache keys, of other batches stay as they were.
+    windowing: Windowing | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    def with_windowing(self, windowing: Windowing) -> GenerationRequest:
+        return self if windowing.long_documents == "fail" else self.model_copy(update={"windowing": windowing})
 
 
 class GenerationResult(BaseModel):

@@ -23,6 +23,7 @@ class ItemStatus(StrEnum):
     failed = "failed"
     cancelled = "cancelled"
     expired = "expired"  # its batch's completion window passed before it ran
+    waiting = "waiting"  # a long document whose windows run (map-reduce); queued again for its reduce
 
 
 TERMINAL_BATCH = {BatchStatus.completed, BatchStatus.failed, BatchStatus.expired, BatchStatus.cancelled}

@@ -34,6 +34,8 @@ class Claimed:
     interrupted: bool  # an earlier run of it failed or never ended
     error_code: str | None = None  # of its last failed run
     cache_key: str | None = None  # schema.cache; None: not cached
+    parent_id: int | None = None  # a window's document item (map-reduce)
+    round: int = 0  # a window's round; a document item's: the round of its windows (0: never split)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Outcome:
     truncated_tokens: int = 0  # document tokens cut to fit the context
     error: str | None = None
     error_code: str | None = None  # schema.errors.ErrorCode, set with `error` (engine_error when not)
+    windows: list[dict[str, Any]] | None = None  # too long: the requests of its windows (it waits for them)
 
 
 def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease_s: float) -> list[Claimed]:
@@ -69,7 +72,7 @@ def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
         .returning(Item.id, Item.custom_id, Item.request, Item.enqueued_at, Item.attempts, Item.last_error,
-                   Item.interrupted, Item.error_code, Item.cache_key)
+                   Item.interrupted, Item.error_code, Item.cache_key, Item.parent_id, Item.round)
         .execution_options(synchronize_session=False)
     )
     rows = session.execute(stmt).all()
@@ -122,14 +125,15 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
     )
     moved = dict(session.execute(finish).all())
     succeeded = [o for o in outcomes if moved.get(o.item.id) == ItemStatus.succeeded]
+    documents = {o.item.id for o in outcomes if o.item.parent_id is None}  # windows are not the batch's items
     if succeeded:
         results = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
                     "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
                     "completion_tokens": o.completion_tokens, "truncated_tokens": o.truncated_tokens,
                     "created_at": finished} for o in succeeded]
         insert_ignore(session, Result, results)
-    failed = sum(1 for status in moved.values() if status == ItemStatus.failed)
-    count(session, batch_id, succeeded=len(succeeded), failed=failed)
+    failed = sum(1 for item_id, status in moved.items() if status == ItemStatus.failed and item_id in documents)
+    count(session, batch_id, succeeded=sum(1 for o in succeeded if o.item.id in documents), failed=failed)
     return succeeded
 
 
@@ -142,8 +146,9 @@ def count(session: Session, batch_id: str, **moved: int) -> None:
 
 def _outcome_row(o: Outcome, started: datetime, engine_s: float) -> tuple[Any, ...]:
     wait = seconds_between(o.item.enqueued_at, started)
+    status = ItemStatus.waiting if o.windows is not None else ItemStatus.failed if o.error else ItemStatus.succeeded
     return (
-        ItemStatus.failed.value if o.error else ItemStatus.succeeded.value,
+        status.value,
         o.error,
         None if wait is None else max(0.0, wait),
         o.completion_tokens / engine_s if engine_s > 0 and not o.error else None,
@@ -166,30 +171,33 @@ def release(session: Session, item_ids: list[int], error: str, refund_attempt: b
     )
 
 
-def fail_open_items(session: Session, batch_id: str, item_ids: list[int], error: str, code: str) -> None:
+def fail_open_items(session: Session, batch_id: str, item_ids: list[int], error: str, code: str) -> list[int]:
+    """Fail the items; returns the document items of the windows among them (map-reduce)."""
     failed = session.execute(
         update(Item)
         .where(Item.id.in_(item_ids), Item.batch_id == batch_id,
                Item.status.in_([ItemStatus.queued, ItemStatus.running]))
         .values(status=ItemStatus.failed, last_error=error, error_code=code, finished_at=utcnow(),
                 lease_expires_at=None)
-        .returning(Item.id)
+        .returning(Item.id, Item.parent_id)
         .execution_options(synchronize_session=False)
     ).all()
-    count(session, batch_id, failed=len(failed))
+    count(session, batch_id, failed=sum(1 for _, parent in failed if parent is None))
+    return sorted({parent for _, parent in failed if parent is not None})
 
 
 def cancel_queued(session: Session, batch_id: str) -> None:
-    """Cancel every item not started yet; running items finish and keep their results."""
+    """Cancel every item not started yet, and documents waiting for their windows; running items finish
+    and keep their results."""
     cancelled = session.execute(
         update(Item)
-        .where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
+        .where(Item.batch_id == batch_id, Item.status.in_([ItemStatus.queued, ItemStatus.waiting]))
         .values(status=ItemStatus.cancelled, finished_at=utcnow(), last_error="batch cancelled",
                 error_code=ErrorCode.batch_cancelled.value)
-        .returning(Item.id)
+        .returning(Item.parent_id)
         .execution_options(synchronize_session=False)
     ).all()
-    count(session, batch_id, cancelled=len(cancelled))
+    count(session, batch_id, cancelled=sum(1 for (parent,) in cancelled if parent is None))
 
 
 def close_if_done(session: Session, batch_id: str) -> None:

@@ -105,6 +105,12 @@ class Item(Base):
     engine_batch_id: Mapped[int | None] = mapped_column(ForeignKey("engine_batches.id", ondelete="SET NULL"))
     cache_key: Mapped[str | None] = mapped_column(String(64))  # schema.cache; None: not deterministic, or off
     cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")  # answered from the cache
+    # A window of a long document (map-reduce) has its document item as parent; `round` 1 windows cut the
+    # document, round 2 windows cut round 1's answers when they are too long for one reduce, and so on.
+    # A document item's `round`: the round its windows are in (0: never split).
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    window: Mapped[int | None] = mapped_column(Integer)  # its place in its round, from 0
 
 
 class Result(Base):

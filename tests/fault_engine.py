@@ -5,10 +5,14 @@ mentions POISON fails, as an engine does on an input it cannot handle. HoldingEn
 but requests finish only when the test says so (or never), so a test knows a chunk is running.
 CountingEngine: no inference, counting the requests that reach it (what the result cache saved).
 PacedEngine: no inference, at a steady pace (a few requests per step), so a batch's charts have a shape.
+WindowingEngine: HoldingEngine's gate, one request a step, a word for a token: it splits documents into
+windows (map-reduce) and answers each request with the capitalised words of its document, a model that
+never misses a fact, so a test sees what reached each window and each reduce.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from bench.null_engine import NullEngine
@@ -101,6 +105,40 @@ class PacedEngine(NullEngine):
         time.sleep(self.STEP_S)
         done, self._done = self._done[:self.PER_STEP], self._done[self.PER_STEP:]
         return done
+
+
+class WindowingEngine(HoldingEngine):
+    max_model_len = 60  # words: a document of more is split into windows
+
+    def windows(self, request: GenerationRequest) -> list[str] | None:
+        words = _document(request).split()
+        windowing = request.windowing
+        if windowing is None or len(words) <= self.max_model_len:
+            return None
+        size = windowing.window_tokens or 20
+        overlap = min(windowing.window_overlap, size // 2)
+        return [" ".join(words[i:i + size]) for i in range(0, max(len(words) - overlap, 1), size - overlap)]
+
+    def step(self) -> list[tuple[str, GenerationResult]]:
+        time.sleep(0.05)
+        if self._gate.exists() or not self._held:
+            return []
+        key = next(iter(self._held))
+        request = self._held.pop(key)
+        words = _document(request).split()
+        fmt = request.sampling.response_format
+        if fmt is not None and fmt.json_schema is not None:  # extraction: `field: VALUE` in the text
+            found = {w.rstrip(":"): words[i + 1] for i, w in enumerate(words[:-1]) if w.endswith(":")}
+            text = json.dumps({name: found.get(name) for name in fmt.json_schema["properties"]})
+        else:
+            capitals = [w.strip(".,:") for w in words if w.strip(".,:").isupper()]
+            text = " ".join(dict.fromkeys(w for w in capitals if len(w) > 2)) or "none"
+        return [(key, GenerationResult(text=text, prompt_tokens=1, completion_tokens=1))]
+
+
+def _document(request: GenerationRequest) -> str:
+    users = [m.content for m in request.messages or [] if m.role == "user"]
+    return users[-1] if users else request.prompt or ""
 
 
 HANG = "HANG"

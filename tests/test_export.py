@@ -97,7 +97,8 @@ def sql_rows(batch: Batchset) -> list[dict[str, Any]]:
         rows = session.execute(
             select(Item.id, Item.custom_id, Item.status, Item.last_error, Item.error_code, Item.model,
                    Result.output_text,
-                   Result.finish_reason, Result.prompt_tokens, Result.completion_tokens, Result.created_at)
+                   Result.finish_reason, Result.prompt_tokens, Result.completion_tokens, Result.truncated_tokens,
+                   Result.created_at)
             .outerjoin(Result, Result.item_id == Item.id).where(Item.batch_id == batch.batch_id)
             .order_by(Item.line)).all()
     return [row._asdict() for row in rows]
@@ -110,6 +111,7 @@ def expected_csv(row: dict[str, Any]) -> dict[str, str]:
         "output_text": row["output_text"] if ok else "", "finish_reason": row["finish_reason"] if ok else "",
         "prompt_tokens": str(row["prompt_tokens"]) if ok else "",
         "completion_tokens": str(row["completion_tokens"]) if ok else "",
+        "truncated_tokens": str(row["truncated_tokens"]) if ok else "",
         "error_code": "" if ok else row["error_code"], "error": "" if ok else row["last_error"],
     }
 

@@ -13,11 +13,13 @@ from typing import Any
 from sqlalchemy import select
 
 from producer import api
+from schema import windows
 from schema.db import get_sessionmaker
-from schema.jobs import SamplingParams
+from schema.jobs import GenerationRequest, SamplingParams
 from schema.queue import Queue
 from schema.tables import Item
 from tests.conftest import gristmill
+from tests.test_faults import workers_on  # noqa: F401  # a fixture
 from worker import executor
 from worker.runtime import Runtime
 
@@ -92,3 +94,161 @@ def test_openai_lines_with_truncate_prompt_tokens(sqlite_url: str, settings_for,
     assert "MANGO" in cut["choices"][0]["message"]["content"]
     assert cut["usage"]["prompt_tokens"] <= KEPT and cut["usage"]["truncated_tokens"] > 20_000
     assert "truncated_tokens" not in lines["short"]["response"]["body"]["usage"]
+
+
+def test_map_reduce_on_a_real_engine(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`gristmill run --long-documents map-reduce` as a user runs it (transformers, a 1,024-token context
+    so a document of about three contexts stays quick): the document goes to windows through the broker,
+    the first window's answer names the fact at the start and the last the fact at the end, the reduce
+    runs over both, and the export has one line per input line. (Whether the 135M model's reduce keeps
+    both facts is the model's business: it often keeps one; the faults tests below use an engine that
+    never misses one, to show that both always reach the reduce.)"""
+    settings = settings_for(sqlite_url, max_model_len=1024)
+    document = "The secret word is PINEAPPLE.\n" + "Nothing happened today. " * 700 + "\nThe secret word is MANGO."
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"id": "doc", "text": document}) + "\n"
+                                        + json.dumps({"id": "short", "text": "Say hi."}) + "\n")
+    gristmill("run", "doc.jsonl", "-o", "out.jsonl", "--engine", "transformers", "--long-documents", "map-reduce",
+              "--system", "What is the secret word in the user's text? Answer with the word only.",
+              "--max-tokens", "16", settings=settings, cwd=tmp_path)
+    lines = {line["custom_id"]: line for line in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert list(lines) == ["doc", "short"]  # one line per input line, in input order: no window
+    assert lines["doc"]["response"]["body"]["choices"][0]["message"]["content"].strip()
+    with get_sessionmaker(sqlite_url)() as session:
+        items = session.scalars(select(Item).order_by(Item.id)).all()
+        document_item = next(i for i in items if i.custom_id == "doc")
+        answers = windows.answers(session, document_item.id, 1)
+    window_items = [i for i in items if i.parent_id == document_item.id]
+    assert len(window_items) == len(answers) >= 3 and [w.window for w in window_items] == list(range(len(answers)))
+    assert all(w.status == "succeeded" and w.attempts == 1 and w.round == 1 for w in window_items)
+    assert (document_item.status, document_item.round, document_item.attempts) == ("succeeded", 1, 2)  # split, reduce
+    assert "PINEAPPLE" in answers[0] and "MANGO" in answers[-1] and "MANGO" not in answers[0]
+    reduce = windows.reduce_request(GenerationRequest.model_validate(document_item.request), answers)
+    assert reduce.messages is not None and "secret word" in reduce.messages[0].content  # the instruction kept
+    assert "PINEAPPLE" in reduce.messages[-1].content and "MANGO" in reduce.messages[-1].content
+
+
+def test_merging_extracted_answers() -> None:
+    answers = ['{"invoice": 4471, "customer": null, "items": ["a"]}', '{"invoice": null, "customer": null, "items": []}',
+               '{"invoice": 9, "customer": "Ada", "items": ["b", "c"]}']
+    assert json.loads(windows.merge(answers, "first")) == {"invoice": 4471, "customer": "Ada", "items": ["a"]}
+    assert json.loads(windows.merge(answers, "concat")) == {"invoice": 4471, "customer": "Ada", "items": ["a", "b", "c"]}
+
+
+# --- map-reduce's delivery, on the no-inference WindowingEngine in real worker processes --------------
+
+WINDOWING = "tests.fault_engine:WindowingEngine"  # 60 words of context, windows of 20 words
+
+
+def map_reduce_batch(settings: Any, tmp_path: Path) -> api.BatchHandle:
+    """Two long documents, a fact at each end: one of 10 windows, one of 25 (whose 25 answers are too long
+    for one reduce: a second round of windows combines them first)."""
+    lines = [{"id": "ten", "text": "ALPHA " + "word " * 198 + "OMEGA"},
+             {"id": "many", "text": "FIRST " + "word " * 498 + "LAST"}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return api.submit(tmp_path / "docs.jsonl", settings=settings, sampling=SamplingParams(max_tokens=8),
+                      long={"long_documents": "map-reduce", "window_overlap": 0})
+
+
+def windows_of(settings: Any, batch_id: str, status: str | None = None) -> dict[int, tuple[str, int]]:
+    """The batch's windows (items under a document): id -> (status, attempts)."""
+    query = select(Item.id, Item.status, Item.attempts).where(Item.batch_id == batch_id, Item.parent_id.is_not(None))
+    with get_sessionmaker(settings.database_url)() as session:
+        rows = session.execute(query).all()
+    return {i: (s, a) for i, s, a in rows if status is None or s == status}
+
+
+def assert_documents_consistent(settings: Any, batch_id: str) -> dict[str, dict[str, int]]:
+    """Every item, document or window, ended once with at most one result, one for each success; the
+    batch's counters count the documents only. Returns the statuses of documents and of windows."""
+    from collections import Counter
+
+    from schema.states import TERMINAL_ITEM
+    from schema.tables import Batch, Result
+
+    with get_sessionmaker(settings.database_url)() as session:
+        items = session.execute(select(Item.id, Item.status, Item.parent_id).where(Item.batch_id == batch_id)).all()
+        per_item = Counter(session.scalars(select(Result.item_id).where(Result.batch_id == batch_id)))
+        batch = session.get(Batch, batch_id)
+    assert batch is not None and all(status in TERMINAL_ITEM for _, status, _ in items)
+    assert max(per_item.values()) == 1 and set(per_item) == {i for i, s, _ in items if s == "succeeded"}
+    documents = Counter(s for _, s, parent in items if parent is None)
+    assert batch.total == sum(documents.values())
+    assert (batch.succeeded, batch.failed, batch.cancelled) == (
+        documents["succeeded"], documents["failed"], documents["cancelled"])
+    return {"documents": dict(documents), "windows": dict(Counter(s for _, s, p in items if p is not None))}
+
+
+def test_map_reduce_survives_a_killed_worker(pg_url: str, redis_url: str, settings_for, workers_on,  # type: ignore[no-untyped-def]  # noqa: F811
+                                             tmp_path: Path) -> None:
+    """SIGKILL the worker after some windows finished and while others run: another worker runs those
+    again; every window and every document ends with exactly one result, and both ends' facts reach
+    the answers, through two rounds for the document of 25 windows."""
+    from tests.test_faults import BEFORE_REDELIVERY, HOLDING_RECOVERY, close_gate, open_gate, wait_until
+
+    settings = settings_for(pg_url, redis_url, **HOLDING_RECOVERY)
+    workers = workers_on(settings)
+    close_gate(settings)
+    first = workers.start(WINDOWING)
+    handle = map_reduce_batch(settings, tmp_path)
+    wait_until(lambda: len(windows_of(settings, handle.id, "running")) == 16, 120, "windows not running", workers)
+    open_gate(settings)  # one window a step: they finish one by one
+    wait_until(lambda: len(windows_of(settings, handle.id, "succeeded")) >= 3, 60, "no window finished", workers)
+    workers.kill(first)
+    held = set(windows_of(settings, handle.id, "running"))
+    assert held, "the worker held no window when it was killed"
+    workers.start(WINDOWING)
+    assert handle.wait(timeout=BEFORE_REDELIVERY).status == "completed", workers.logs()
+    statuses = assert_documents_consistent(settings, handle.id)
+    assert statuses["documents"] == {"succeeded": 2} and set(statuses["windows"]) == {"succeeded"}
+    after = windows_of(settings, handle.id)
+    assert all(after[i][1] >= 2 for i in held), after  # the killed worker's windows ran again
+    lines = {r.line.custom_id: r.line.response.body.choices[0].message.content for r in handle.output()}  # type: ignore[union-attr]
+    assert lines == {"ten": "ALPHA OMEGA", "many": "FIRST LAST"}
+    with get_sessionmaker(settings.database_url)() as session:
+        rounds = dict(session.execute(select(Item.custom_id, Item.round).where(Item.parent_id.is_(None))).all())
+    assert rounds == {"ten": 1, "many": 2}
+
+
+def test_cancel_map_reduce_midway(pg_url: str, redis_url: str, settings_for, workers_on,  # type: ignore[no-untyped-def]  # noqa: F811
+                                  tmp_path: Path) -> None:
+    """Cancel while windows run: windows not started are cancelled, those finished keep their results,
+    the waiting documents end cancelled, and nothing runs their reduce."""
+    from tests.test_faults import HOLDING_RECOVERY, close_gate, open_gate, wait_until
+
+    settings = settings_for(pg_url, redis_url, **HOLDING_RECOVERY)
+    workers = workers_on(settings)
+    close_gate(settings)
+    workers.start(WINDOWING)
+    handle = map_reduce_batch(settings, tmp_path)
+    wait_until(lambda: len(windows_of(settings, handle.id, "running")) == 16, 120, "windows not running", workers)
+    open_gate(settings)
+    wait_until(lambda: len(windows_of(settings, handle.id, "succeeded")) >= 3, 60, "no window finished", workers)
+    close_gate(settings)
+    handle.cancel()
+    open_gate(settings)  # the windows still running finish, and keep their results
+    wait_until(lambda: not windows_of(settings, handle.id, "running"), 60, "windows still running", workers)
+    assert handle.status().status == "cancelled"
+    statuses = assert_documents_consistent(settings, handle.id)
+    assert statuses["documents"].get("cancelled", 0) >= 1 and statuses["windows"]["succeeded"] >= 3
+    assert statuses["windows"]["cancelled"] >= 1
+
+
+def test_extraction_merges_fields_from_different_windows(pg_url: str, redis_url: str, settings_for,  # type: ignore[no-untyped-def]
+                                                         workers_on, tmp_path: Path) -> None:  # noqa: F811
+    """Two fields of an extraction schema stand in different windows of a long document: after the merge
+    (first non-null value of each field, or lists concatenated) both are in its one answer."""
+    from tests.test_faults import HOLDING_RECOVERY
+
+    settings = settings_for(pg_url, redis_url, **HOLDING_RECOVERY)
+    workers_on(settings).start(WINDOWING)
+    schema = {"type": "object", "properties": {"invoice": {"type": ["string", "null"]},
+                                               "customer": {"type": ["string", "null"]}}}
+    (tmp_path / "docs.jsonl").write_text(json.dumps(
+        {"id": "long", "text": "invoice: INV42 " + "word " * 100 + "customer: ADA"}) + "\n")
+    handle = api.submit(tmp_path / "docs.jsonl", settings=settings, task="extract", json_schema=schema,
+                        long={"long_documents": "map-reduce", "window_overlap": 0, "merge": "first"})
+    assert handle.wait(timeout=120).status == "completed"
+    (record,) = list(handle.output())
+    assert json.loads(record.line.response.body.choices[0].message.content) == {  # type: ignore[union-attr]
+        "invoice": "INV42", "customer": "ADA"}
+    assert assert_documents_consistent(settings, handle.id)["windows"] == {"succeeded": 6}

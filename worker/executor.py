@@ -18,7 +18,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from schema import cache, store
+from schema import cache, store, windows
 from schema.db import utcnow
 from schema.errors import ChunkTimeout, ErrorCode
 from schema.states import ItemStatus
@@ -66,7 +66,9 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
         metrics.RETRIES.labels(runner.kind, runtime.engine.model_name, code).inc()
         raise
     written = time.perf_counter()
-    chunk_id = _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
+    chunk_id, to_send = _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
+    if to_send:  # windows of long documents, and documents back from theirs (the reconciler resends if lost)
+        runtime.queue.send_chunks(batch_id, runtime.engine.model_name, runner.kind, to_send)
     failed = sum(1 for o in outcomes if o.error)
     engine_s, write_s = (finished - started).total_seconds(), time.perf_counter() - written
     log.info("batch %s: chunk %s of %d items done (%d failed): engine %.2f s, write %.3f s", batch_id, chunk_id,
@@ -106,8 +108,9 @@ def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claim
     return {"claimed": 0, "succeeded": 0, "failed": 0, "split": len(ids)}
 
 
-def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store.Outcome], started, finished) -> int:  # type: ignore[no-untyped-def]
-    """Returns the chunk's id in SQL (its engine_batches row)."""
+def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store.Outcome], started, finished) -> tuple[int, list[int]]:  # type: ignore[no-untyped-def]
+    """Returns the chunk's id in SQL (its engine_batches row) and the items to send: windows of documents
+    that split, and documents whose windows have all ended (schema.windows)."""
     engine, model = runtime.engine.name, runtime.engine.model_name
     with sessions(runtime)() as session, session.begin():  # results, states and counts land together
         eb_id = store.record_engine_batch(session, batch_id, runtime.host, engine, model, outcomes, started, finished)
@@ -116,12 +119,15 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
         runner.stage(session, batch_id, succeeded, finished)  # the kind's own rows, if any
         share = (finished - started).total_seconds() / max(len(outcomes), 1)
         cache.remember(session, [o.item.id for o in succeeded], runner.kind, engine, finished, share)
+        to_send = windows.add(session, batch_id, [o for o in outcomes if o.windows is not None], finished)
+        to_send += windows.documents_ready(session, batch_id, {o.item.parent_id for o in outcomes if o.item.parent_id},
+                                           finished)
         store.close_if_done(session, batch_id)
     try:  # after the commit: counting must never fail work that is done
         metrics.finished(runner.kind, model, outcomes, succeeded, started, finished)
     except Exception:
         log.exception("counting a finished chunk in the metrics failed")
-    return eb_id
+    return eb_id, to_send
 
 
 def _with_retries(write: Callable[[], T]) -> T:
@@ -139,7 +145,10 @@ def _with_retries(write: Callable[[], T]) -> T:
 def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str, code: str) -> None:
     """The items fail with the error, so the batch can end."""
     with sessions(runtime)() as session, session.begin():
-        store.fail_open_items(session, batch_id, item_ids, error, code)
+        documents = store.fail_open_items(session, batch_id, item_ids, error, code)
+        ready = windows.documents_ready(session, batch_id, set(documents), utcnow())  # a window that failed
         store.close_if_done(session, batch_id)
         kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
+    if ready:
+        runtime.queue.send_chunks(batch_id, runtime.engine.model_name, kind, ready)
     metrics.gave_up(kind, runtime.engine.model_name, len(item_ids), code)

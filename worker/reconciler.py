@@ -68,11 +68,11 @@ def expire_due(session: Session) -> list[str]:
         .execution_options(synchronize_session=False)))
     for batch_id in due:
         expired = session.execute(
-            update(Item).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
+            update(Item).where(Item.batch_id == batch_id, Item.status.in_([ItemStatus.queued, ItemStatus.waiting]))
             .values(status=ItemStatus.expired, finished_at=now, last_error="batch expired before this item ran",
                     error_code=ErrorCode.batch_expired.value)
-            .returning(Item.id).execution_options(synchronize_session=False)).all()
-        store.count(session, batch_id, expired=len(expired))
+            .returning(Item.parent_id).execution_options(synchronize_session=False)).all()
+        store.count(session, batch_id, expired=sum(1 for (parent,) in expired if parent is None))
     return due
 
 

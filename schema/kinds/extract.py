@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from schema.errors import InputError
 from schema.inputs import ParsedItem, parse_input_stream
-from schema.jobs import ResponseFormat, SamplingParams
+from schema.jobs import ResponseFormat, SamplingParams, Windowing
 from schema.kinds import generate
 from schema.kinds.base import Kind, Limits, error_code
 from schema.outputs import OutputLine
@@ -37,6 +37,7 @@ class ExtractSpec(BaseModel):
                                         json_schema_extra={"flag": "--schema", "cli": "file"})
     instruction: str | None = Field(default=None, description="what to extract; the schema is appended")
     sampling: SamplingParams = SamplingParams()
+    long: Windowing = Windowing()
 
     @field_validator("json_schema")
     @classmethod
@@ -62,9 +63,9 @@ class Extract(Kind):
     def parse(self, stream: BinaryIO, name: str, spec: ExtractSpec, limits: Limits) -> list[ParsedItem]:
         fmt = ResponseFormat(type="json_schema", json_schema=spec.json_schema, name="extraction")
         sampling = spec.sampling.model_copy(update={"response_format": fmt})
-        items = parse_input_stream(stream, name, defaults=sampling, served_model=limits.model,
-                                   max_line_bytes=limits.max_line_bytes, max_items=limits.max_items,
-                                   system_prompt=spec.system_prompt())
+        items = generate.with_windowing(parse_input_stream(
+            stream, name, defaults=sampling, served_model=limits.model, max_line_bytes=limits.max_line_bytes,
+            max_items=limits.max_items, system_prompt=spec.system_prompt()), spec.long)
         if "text" not in items[0].body:  # an OpenAI line: its body carries a request of its own
             raise InputError(name, items[0].line, None, "extraction takes simple lines {custom_id|id, text}; send "
                                                         "OpenAI lines with a response_format with --task generate")

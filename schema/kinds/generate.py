@@ -5,6 +5,7 @@ schema.outputs; the worker half is worker/kinds/generate.py.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from schema.db import epoch
 from schema.inputs import ParsedItem, parse_input_stream
-from schema.jobs import SamplingParams
+from schema.jobs import GenerationRequest, SamplingParams, Windowing
 from schema.kinds.base import ERROR_CODES, Kind, Limits, error_code
 from schema.outputs import OutputLine, error_line, success_line
 from schema.states import ItemStatus
@@ -32,6 +33,7 @@ class GenerateSpec(BaseModel):
     sampling: SamplingParams = SamplingParams()
     system_prompt: str | None = Field(default=None, description="system prompt for simple JSONL lines",
                                       json_schema_extra={"flag": "--system"})
+    long: Windowing = Windowing()
 
 
 class Generate(Kind):
@@ -40,9 +42,10 @@ class Generate(Kind):
     summary = "a completion per line (OpenAI batch lines, or simple {custom_id|id, text})"
 
     def parse(self, stream: BinaryIO, name: str, spec: GenerateSpec, limits: Limits) -> list[ParsedItem]:
-        return parse_input_stream(stream, name, defaults=spec.sampling, served_model=limits.model,
-                                  max_line_bytes=limits.max_line_bytes, max_items=limits.max_items,
-                                  system_prompt=spec.system_prompt)
+        items = parse_input_stream(stream, name, defaults=spec.sampling, served_model=limits.model,
+                                   max_line_bytes=limits.max_line_bytes, max_items=limits.max_items,
+                                   system_prompt=spec.system_prompt)
+        return with_windowing(items, spec.long)
 
     def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
         stmt = (
@@ -50,7 +53,7 @@ class Generate(Kind):
                    Result.output_text, Result.finish_reason, Result.prompt_tokens, Result.completion_tokens,
                    Result.truncated_tokens, Result.created_at)
             .outerjoin(Result, Result.item_id == Item.id)
-            .where(Item.batch_id == batch.id)
+            .where(Item.batch_id == batch.id, Item.parent_id.is_(None))  # input lines, not their windows
             .order_by(Item.line)
             .execution_options(yield_per=2000)
         )
@@ -82,6 +85,14 @@ class Generate(Kind):
             "truncated_tokens": (row.truncated_tokens or 0) if ok else "", "error_code": "" if ok else error_code(row),
             "error": "" if ok else row.last_error,
         }
+
+
+def with_windowing(items: list[ParsedItem], windowing: Windowing) -> list[ParsedItem]:
+    """The items' requests with the batch's map-reduce settings (unchanged when long documents fail)."""
+    if windowing.long_documents == "fail":
+        return items
+    return [dataclasses.replace(item, request=GenerationRequest.model_validate(item.request).with_windowing(windowing))
+            for item in items]
 
 
 KIND = Generate()

@@ -31,6 +31,7 @@ __all__ = [
 
 ENGINES = ("vllm", "transformers")
 DEFAULT_CONTEXT = 2048  # for a model whose config names no context length
+WINDOW_MARGIN = 16  # tokens a window leaves free: its text, tokenized again, may come out a little longer
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +229,28 @@ def fit(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, prompt_t
             return ids, len(doc_ids) - keep
         keep -= len(ids) - room + 1
     return None
+
+
+def document_windows(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest,
+                     max_model_len: int) -> list[str] | None:
+    """The texts of the windows a request's document splits into (request.windowing), each fitting the
+    context with the rest of the prompt and max_tokens; None when the request fits as it is, or has no
+    document, or when the rest of its prompt leaves no room for a window longer than the overlap."""
+    windowing, sampling = request.windowing, request.sampling
+    document = _document(request)
+    if windowing is None or document is None:
+        return None
+    prompt_tokens = len(prompt_token_ids(tokenizer, request))
+    if context_error(prompt_tokens, sampling.max_tokens, max_model_len) is None:
+        return None
+    doc_ids = list(tokenizer(document, add_special_tokens=False)["input_ids"])
+    room = max_model_len - sampling.max_tokens - (prompt_tokens - len(doc_ids)) - WINDOW_MARGIN
+    size = min(windowing.window_tokens or room, room)
+    if size < 2 * WINDOW_MARGIN:
+        return None
+    overlap = min(windowing.window_overlap, size // 2)  # at most half a window: each window moves on
+    starts = range(0, max(len(doc_ids) - overlap, 1), size - overlap)
+    return [str(tokenizer.decode(doc_ids[start:start + size])) for start in starts]
 
 
 def _document(request: GenerationRequest) -> str | None:

@@ -15,7 +15,16 @@ from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import Admitted, admit, context_length, failed_result, hf_embed, hf_labels, hf_structured
+from worker.engines import (
+    Admitted,
+    admit,
+    context_length,
+    document_windows,
+    failed_result,
+    hf_embed,
+    hf_labels,
+    hf_structured,
+)
 from worker.engines.base import EMBED, GENERATE, SCORE_LABELS, Embedded
 from worker.engines.labels import (
     Choice,
@@ -110,6 +119,10 @@ class TransformersEngine:
         items = [_Item(index, a.ids, a.truncated) for index, a in enumerate(admitted)]
         keys_by_index = dict(enumerate(keys))
         return [(keys_by_index[index], result) for index, result in self._run_group(sampling, items)]
+
+    def windows(self, request: GenerationRequest) -> list[str] | None:
+        """The windows of a request's document too long for the context (worker.engines.document_windows)."""
+        return document_windows(self._tokenizer, request, self.max_model_len)
 
     def has_unfinished(self) -> bool:
         return bool(self._pending)

@@ -21,7 +21,14 @@ from schema.errors import EngineError, ErrorCode
 from schema.jobs import GenerationRequest, GenerationResult
 from schema.models import resolve_model
 from schema.settings import Settings, get_settings
-from worker.engines import admit, context_length, failed_result, run_to_completion, vllm_labels
+from worker.engines import (
+    admit,
+    context_length,
+    document_windows,
+    failed_result,
+    run_to_completion,
+    vllm_labels,
+)
 from worker.engines.base import GENERATE, SCORE_LABELS
 from worker.engines.labels import (
     Choice,
@@ -197,6 +204,10 @@ class VLLMEngine:
         result = _result(output)
         truncated = self._truncated.pop(output.request_id, 0)
         return result.model_copy(update={"truncated_tokens": truncated}) if truncated else result
+
+    def windows(self, request: GenerationRequest) -> list[str] | None:
+        """The windows of a request's document too long for the context (worker.engines.document_windows)."""
+        return document_windows(self._tokenizer, request, self.max_model_len)
 
     def has_unfinished(self) -> bool:
         return bool(self._stash) or self._require_llm().llm_engine.has_unfinished_requests()
