@@ -70,7 +70,9 @@ def add(session: Session, batch_id: str, split: list[store.Outcome], now: dateti
         item, requests = outcome.item, outcome.windows or []
         moved = session.execute(
             update(Item).where(Item.id == item.id, Item.status == ItemStatus.waiting, Item.round == item.round)
-            .values(round=item.round + 1).returning(Item.line, Item.endpoint)).one_or_none()
+            # splitting ran nothing: the claim is no attempt (an interrupted reduce may still retry)
+            .values(round=item.round + 1, attempts=Item.attempts - 1, interrupted=False)
+            .returning(Item.line, Item.endpoint)).one_or_none()
         if moved is None:
             continue
         line, endpoint = moved

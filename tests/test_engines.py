@@ -209,36 +209,6 @@ def test_transformers_engine_loads_a_hf_folder(engine_settings: Settings, prepar
         engine.generate([chat(max_tokens=2)])
 
 
-def test_vllm_options_reach_the_engine(vllm_engine: VLLMEngine) -> None:
-    assert vllm_engine.max_num_seqs == 64 and vllm_engine.options["max_num_seqs"] == 64
-
-
-# Runs last in this module: it closes the shared vLLM engine.
-def test_vllm_close_leaves_no_child_process(vllm_engine: VLLMEngine) -> None:
-    children = [p for p in psutil.Process().children(recursive=True) if not _is_resource_tracker(p)]
-    assert any(p.name().startswith("VLLM::") for p in children)  # the EngineCore was running
-    vllm_engine.close()
-    vllm_engine.close()  # a second close is harmless
-    assert [p.pid for p in children if _alive(p)] == []
-    with pytest.raises(EngineError, match="closed"):
-        vllm_engine.generate([chat(max_tokens=2)])
-
-
-def _is_resource_tracker(process: psutil.Process) -> bool:
-    """multiprocessing's resource tracker, started by any spawn and kept for the process's life."""
-    try:
-        return "resource_tracker" in " ".join(process.cmdline())
-    except psutil.Error:
-        return False
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_context_length_and_why(caplog: pytest.LogCaptureFixture) -> None:
     from worker.engines import DEFAULT_CONTEXT, context_length
 
@@ -279,3 +249,34 @@ def test_truncation_fits_the_context_and_keeps_the_instruction(request: pytest.F
     assert "PINEAPPLE" in head.text and "MANGO" in tail.text
     assert "PINEAPPLE" not in tail.text and "MANGO" not in head.text
     assert "MANGO" in middle.text or "PINEAPPLE" in middle.text  # both ends are in its prompt
+
+
+def test_vllm_options_reach_the_engine(vllm_engine: VLLMEngine) -> None:
+    assert vllm_engine.max_num_seqs == 64 and vllm_engine.options["max_num_seqs"] == 64
+
+
+# Runs last in this module: it closes the shared vLLM engine.
+def test_vllm_close_leaves_no_child_process(vllm_engine: VLLMEngine) -> None:
+    children = [p for p in psutil.Process().children(recursive=True) if not _is_resource_tracker(p)]
+    assert any(p.name().startswith("VLLM::") for p in children)  # the EngineCore was running
+    vllm_engine.close()
+    vllm_engine.close()  # a second close is harmless
+    assert [p.pid for p in children if _alive(p)] == []
+    with pytest.raises(EngineError, match="closed"):
+        vllm_engine.generate([chat(max_tokens=2)])
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    """multiprocessing's resource tracker, started by any spawn and kept for the process's life."""
+    try:
+        return "resource_tracker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
