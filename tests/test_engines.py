@@ -221,12 +221,6 @@ def test_context_length_and_why(caplog: pytest.LogCaptureFixture) -> None:
     assert context_length(None, None, "e") == DEFAULT_CONTEXT and "names none" in caplog.messages[-1]
 
 
-def test_default_context_is_the_models_own(transformers_loop: Any, vllm_loop: Any) -> None:
-    """No GRISTMILL_MAX_MODEL_LEN: both engines take the default model's own context (SmolLM2 was trained
-    for 8,192 tokens; vLLM's CPU KV cache holds that for one sequence)."""
-    assert transformers_loop[0].max_model_len == vllm_loop[0].max_model_len == 8192
-
-
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_truncation_fits_the_context_and_keeps_the_instruction(request: pytest.FixtureRequest, name: str) -> None:
     """A prompt past the context with `truncate`: its document (the last user message) is cut to leave

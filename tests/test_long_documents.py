@@ -28,6 +28,12 @@ DOCUMENT = "The secret word is PINEAPPLE.\n" + "Nothing happened today. " * 6000
 KEPT = 600  # prompt tokens kept (truncate_to): the answer must come from the part kept, whatever the context
 
 
+def test_default_context_is_the_models_own(transformers_loop: Any, vllm_loop: Any) -> None:
+    """No GRISTMILL_MAX_MODEL_LEN: both engines take the default model's own context (SmolLM2 was trained
+    for 8,192 tokens; vLLM's CPU KV cache holds that for one sequence)."""
+    assert transformers_loop[0].max_model_len == vllm_loop[0].max_model_len == 8192
+
+
 def run(settings: Any, engine: Any, path: Path, **options: Any) -> api.BatchHandle:
     handle = api.submit(path, settings=settings, **options)
     with get_sessionmaker(settings.database_url)() as session:
