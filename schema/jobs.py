@@ -82,6 +82,22 @@ class GenerationRequest(BaseModel):
     # request's JSON when None, so the requests, and their result-cache keys, of other batches stay as they were.
     windowing: Windowing | None = Field(default=None, exclude_if=lambda v: v is None)
 
+    def document(self) -> str | None:
+        """What truncation and windows cut: the last user message, or the raw prompt (the instruction, in
+        system messages, and the chat template are never cut)."""
+        if self.messages:
+            users = [m for m in self.messages if m.role == "user"]
+            return users[-1].content if users else None
+        return self.prompt
+
+    def with_document(self, text: str) -> GenerationRequest:
+        """The request with its document replaced by `text`."""
+        if not self.messages:
+            return self.model_copy(update={"prompt": text})
+        last = max(i for i, m in enumerate(self.messages) if m.role == "user")
+        messages = [m.model_copy(update={"content": text}) if i == last else m for i, m in enumerate(self.messages)]
+        return self.model_copy(update={"messages": messages})
+
     def with_windowing(self, windowing: Windowing) -> GenerationRequest:
         return self if windowing.long_documents == "fail" else self.model_copy(update={"windowing": windowing})
 

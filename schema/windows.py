@@ -32,14 +32,8 @@ SEPARATOR = "\u241f"  # in a window's custom_id, between its document's and its 
 def window_requests(request: GenerationRequest, texts: list[str]) -> list[dict[str, Any]]:
     """The request once per window: its document (last user message, or raw prompt) replaced by the
     window's text. A window is sized to fit, so it does not split again."""
-    def with_document(text: str) -> GenerationRequest:
-        if not request.messages:
-            return request.model_copy(update={"prompt": text, "windowing": None})
-        last = max(i for i, m in enumerate(request.messages) if m.role == "user")
-        messages = [m.model_copy(update={"content": text}) if i == last else m for i, m in enumerate(request.messages)]
-        return request.model_copy(update={"messages": messages, "windowing": None})
-
-    return [with_document(text).model_dump(mode="json") for text in texts]
+    plain = request.model_copy(update={"windowing": None})
+    return [plain.with_document(text).model_dump(mode="json") for text in texts]
 
 
 def reduce_request(original: GenerationRequest, answers: list[str]) -> GenerationRequest:

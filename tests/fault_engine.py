@@ -111,7 +111,7 @@ class WindowingEngine(HoldingEngine):
     max_model_len = 60  # words: a document of more is split into windows
 
     def windows(self, request: GenerationRequest) -> list[str] | None:
-        words = _document(request).split()
+        words = (request.document() or "").split()
         windowing = request.windowing
         if windowing is None or len(words) <= self.max_model_len:
             return None
@@ -125,7 +125,7 @@ class WindowingEngine(HoldingEngine):
             return []
         key = next(iter(self._held))
         request = self._held.pop(key)
-        words = _document(request).split()
+        words = (request.document() or "").split()
         fmt = request.sampling.response_format
         if fmt is not None and fmt.json_schema is not None:  # extraction: `field: VALUE` in the text
             found = {w.rstrip(":"): words[i + 1] for i, w in enumerate(words[:-1]) if w.endswith(":")}
@@ -134,11 +134,6 @@ class WindowingEngine(HoldingEngine):
             capitals = [w.strip(".,:") for w in words if w.strip(".,:").isupper()]
             text = " ".join(dict.fromkeys(w for w in capitals if len(w) > 2)) or "none"
         return [(key, GenerationResult(text=text, prompt_tokens=1, completion_tokens=1))]
-
-
-def _document(request: GenerationRequest) -> str:
-    users = [m.content for m in request.messages or [] if m.role == "user"]
-    return users[-1] if users else request.prompt or ""
 
 
 HANG = "HANG"

@@ -216,7 +216,7 @@ def fit(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, prompt_t
     how many document tokens went; None when the rest of the prompt alone does not fit."""
     sampling = request.sampling
     room = min(max_model_len - sampling.max_tokens, sampling.truncate_to or max_model_len)
-    document = _document(request)
+    document = request.document()
     if document is None:
         return None
     doc_ids = list(tokenizer(document, add_special_tokens=False)["input_ids"])
@@ -224,7 +224,7 @@ def fit(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, prompt_t
     for _ in range(4):  # the cut text, tokenized again, may split or merge a token where it was cut
         if keep <= 0:
             return None
-        ids = prompt_token_ids(tokenizer, _with_document(request, _cut(tokenizer, doc_ids, keep, sampling.truncate)))
+        ids = prompt_token_ids(tokenizer, request.with_document(_cut(tokenizer, doc_ids, keep, sampling.truncate)))
         if len(ids) <= room:
             return ids, len(doc_ids) - keep
         keep -= len(ids) - room + 1
@@ -237,7 +237,7 @@ def document_windows(tokenizer: PreTrainedTokenizerBase, request: GenerationRequ
     context with the rest of the prompt and max_tokens; None when the request fits as it is, or has no
     document, or when the rest of its prompt leaves no room for a window longer than the overlap."""
     windowing, sampling = request.windowing, request.sampling
-    document = _document(request)
+    document = request.document()
     if windowing is None or document is None:
         return None
     prompt_tokens = len(prompt_token_ids(tokenizer, request))
@@ -251,21 +251,6 @@ def document_windows(tokenizer: PreTrainedTokenizerBase, request: GenerationRequ
     overlap = min(windowing.window_overlap, size // 2)  # at most half a window: each window moves on
     starts = range(0, max(len(doc_ids) - overlap, 1), size - overlap)
     return [str(tokenizer.decode(doc_ids[start:start + size])) for start in starts]
-
-
-def _document(request: GenerationRequest) -> str | None:
-    if request.messages:
-        users = [m for m in request.messages if m.role == "user"]
-        return users[-1].content if users else None
-    return request.prompt
-
-
-def _with_document(request: GenerationRequest, text: str) -> GenerationRequest:
-    if not request.messages:
-        return request.model_copy(update={"prompt": text})
-    last = max(i for i, m in enumerate(request.messages) if m.role == "user")
-    messages = [m.model_copy(update={"content": text}) if i == last else m for i, m in enumerate(request.messages)]
-    return request.model_copy(update={"messages": messages})
 
 
 def _cut(tokenizer: PreTrainedTokenizerBase, ids: list[int], keep: int, how: str | None) -> str:
