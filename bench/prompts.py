@@ -48,3 +48,15 @@ def output_tokens(path: Path) -> dict[str, int]:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {line["custom_id"]: line["response"]["body"]["usage"]["completion_tokens"]
             for line in lines if line.get("response")}
+
+
+def prompt_tokens(lines: list[dict[str, object]], model_folder: Path) -> dict[str, int]:
+    """Prompt tokens per custom_id, through the model's chat template as every engine renders them."""
+    from transformers import AutoTokenizer
+
+    from schema.jobs import GenerationRequest
+    from worker.engines import prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    return {str(line["custom_id"]): len(prompt_token_ids(tokenizer, GenerationRequest.model_validate(line["body"])))
+            for line in lines}

@@ -75,6 +75,16 @@ class Setup:
     folder: Path
     engine: dict[str, Any]
     naive_n: int
+    prompt_tokens: dict[str, int]  # per custom_id: the same prompts in every run, counted once
+
+
+def rates(result: dict[str, Any], prompt_tokens: dict[str, int]) -> dict[str, Any]:
+    """A run's rates over its clock: output tokens/s (what the ratios compare), prompt, total, items."""
+    prompt = sum(prompt_tokens[custom_id] for custom_id in result["tokens"])
+    seconds = result["seconds"]
+    return {"prompt_tokens": prompt, "tokens_per_s": result["output_tokens"] / seconds,
+            "prompt_tokens_per_s": prompt / seconds, "total_tokens_per_s": (prompt + result["output_tokens"]) / seconds,
+            "items_per_s": result["requests"] / seconds}
 
 
 def _json_result(cmd: list[str], workdir: Path) -> dict[str, Any]:
@@ -224,9 +234,9 @@ def main() -> None:
     with contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(
             prefix="gristmill-bench-") as tmp:
         Path(tmp).mkdir(parents=True, exist_ok=True)
-        setup = Setup(lines, prompts.write(lines, Path(tmp) / "batch.jsonl"),
-                      prepare(Settings().model, Settings().cache_dir), engine,
-                      min(n, args.naive_requests or (32 if args.quick else 64)))
+        folder = prepare(Settings().model, Settings().cache_dir)
+        setup = Setup(lines, prompts.write(lines, Path(tmp) / "batch.jsonl"), folder, engine,
+                      min(n, args.naive_requests or (32 if args.quick else 64)), prompts.prompt_tokens(lines, folder))
         same = json.dumps({"lines": lines, "naive_n": setup.naive_n, "engine": engine}, sort_keys=True)
         if (Path(tmp) / "setup.json").exists() and (Path(tmp) / "setup.json").read_text() != same:
             sys.exit(f"{tmp} holds runs of other requests or engine arguments: give another --workdir")
@@ -251,8 +261,7 @@ def main() -> None:
                     result = {**STEPS[key](setup, workdir), "attempts": 2}
                 if result.get("errors") or result.get("failed"):
                     raise RuntimeError(f"run ({key}) had failed requests: {result}")
-                runs[key].append({**result, "tokens_per_s": result["output_tokens"] / result["seconds"],
-                                  "load_1m": load})
+                runs[key].append({**result, **rates(result, setup.prompt_tokens), "load_1m": load})
                 (Path(tmp) / f"{key}{round_}" / "run.json").write_text(json.dumps(runs[key][-1]))
             report = _report(args, setup, runs)
             if args.json:  # after every round, so that a run killed late keeps the rounds before
@@ -329,12 +338,18 @@ def _print(report: dict[str, Any]) -> None:
     print(f"\n{report['requests']} requests ((d): the first {report['naive_requests']}), "
           f"{report['repeats']} interleaved rounds; {report['machine']}")
     print(f"engine arguments, every run: {json.dumps(report['engine_args'])}")
-    print(f"{'run':<46} {'requests':>8} {'out tokens':>10} {'median s':>9}  tokens/s per round (median)")
+    print(f"{'run':<46} {'requests':>8} {'prompt tok':>10} {'out tok':>8} {'median s':>9} {'items/s':>8} "
+          f"{'prompt tok/s':>12} {'total tok/s':>11}  output tokens/s per round (median)")
     for key, results in report["runs"].items():
-        rates = [r["tokens_per_s"] for r in results]
-        print(f"({key}) {RUNS[key]:<42} {results[0]['requests']:>8} {results[0]['output_tokens']:>10} "
-              f"{statistics.median(r['seconds'] for r in results):>9.1f}  "
-              f"{' '.join(f'{v:.1f}' for v in rates)} ({statistics.median(rates):.1f})")
+        per_round = [r["tokens_per_s"] for r in results]
+
+        def median(name: str, results: list[dict[str, Any]] = results) -> float:
+            return statistics.median(r[name] for r in results)
+
+        print(f"({key}) {RUNS[key]:<42} {results[0]['requests']:>8} {results[0]['prompt_tokens']:>10} "
+              f"{results[0]['output_tokens']:>8} {median('seconds'):>9.1f} {median('items_per_s'):>8.2f} "
+              f"{median('prompt_tokens_per_s'):>12.0f} {median('total_tokens_per_s'):>11.0f}  "
+              f"{' '.join(f'{v:.1f}' for v in per_round)} ({statistics.median(per_round):.1f})")
     for name, ratio in report["ratios"].items():
         note = "  (rates: (d) ran the first requests only)" if name == "c/d" else ""
         print(f"{name:<5} median {ratio['median']:.3f}, range {ratio['min']:.3f}-{ratio['max']:.3f}{note}")

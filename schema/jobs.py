@@ -52,10 +52,10 @@ class SamplingParams(BaseModel):
                                     json_schema_extra={"cli": "hidden"})  # prompt tokens kept
 
 
-class Windowing(BaseModel):
-    """A document longer than the context: split into token windows that overlap (map), each answered
-    with the item's instruction, then the answers combined (reduce); recursively when they are too long
-    for one reduce. The document is the last user message or the raw prompt (see SamplingParams.truncate)."""
+class Windows(BaseModel):
+    """A document longer than the context: split into token windows that overlap, each run with the item's
+    instruction, and the windows' answers combined (map-reduce). What every kind that splits shares;
+    classification combines by averaging the windows' label probabilities (schema.kinds.classify)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     long_documents: Literal["fail", "map-reduce"] = Field(
@@ -65,6 +65,13 @@ class Windowing(BaseModel):
                                                                       "many as fit with the instruction and max_tokens)")
     window_overlap: int = Field(default=64, ge=0, description="tokens neighbouring windows share (64; at most "
                                                                "half a window)")
+
+
+class Windowing(Windows):
+    """Map-reduce for generation and extraction: the windows' answers are combined by a reduce prompt,
+    recursively when they are too long for one reduce. The document is the last user message or the raw
+    prompt (see SamplingParams.truncate)."""
+
     reduce_prompt: str | None = Field(default=None, description="the instruction that combines the windows' "
                                                                 "answers (default: a generic one, with the item's)")
     merge: Literal["prompt", "first", "concat"] = Field(

@@ -53,8 +53,12 @@ def chunk_size(settings: Settings, model: str) -> int:
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     """The broker URL and its transport options (no side effects; see `prepare_broker`)."""
     if settings.broker_url != EMBEDDED_BROKER:
-        # Redelivery of an unacked message happens only after this long: longer than any chunk runs.
-        return settings.broker_url, {"visibility_timeout": settings.visibility_timeout_s}
+        # Redelivery of an unacked message (a dead worker's prefetched chunk) happens only after this long:
+        # longer than any chunk runs. Workers look for such messages every 10 s (kombu's
+        # unacked_restore_interval); throttle 1: at every look, not every tenth, or they come back up to
+        # 100 s late.
+        return settings.broker_url, {"visibility_timeout": settings.visibility_timeout_s,
+                                     "unacked_restore_throttle": 1}
     folder = settings.broker_folder.resolve()
     options = {
         "data_folder_in": str(folder / "queue"),

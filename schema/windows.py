@@ -1,7 +1,8 @@
 """Long documents by map-reduce, in SQL: a document item too long for the context waits while its windows
 (items under it, of one round) run; when the last window of the round ends, the document is queued
-again for its reduce (a request built from the windows' answers), or fails when a window failed, or,
-for extraction merged by rule, is answered at once. A reduce too long for the context splits again into
+again for its reduce (a request built from the windows' answers), or fails when a window failed, or is
+answered at once when its kind combines the answers itself (Kind.answer_from_windows: classification
+averages the windows' probabilities, extraction may merge fields by rule). A reduce too long for the context splits again into
 the next round's windows. The worker decides the split (it has the tokenizer); this module writes it.
 
 Windows are items with every delivery guarantee of items (leases, retries, the reconciler, cancel,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
@@ -23,6 +24,9 @@ from schema.errors import ErrorCode
 from schema.jobs import ChatMessage, GenerationRequest
 from schema.states import TERMINAL_ITEM, ItemStatus
 from schema.tables import Item, Result
+
+if TYPE_CHECKING:  # the kinds import this module
+    from schema.kinds.base import Kind
 
 DEFAULT_REDUCE = ("The user's message lists answers to one instruction, each given for one consecutive part of a "
                   "long document. Combine them into one answer for the whole document, as the instruction asks.")
@@ -78,11 +82,12 @@ def add(session: Session, batch_id: str, split: list[store.Outcome], now: dateti
     return ids
 
 
-def documents_ready(session: Session, batch_id: str, document_ids: set[int], now: datetime) -> list[int]:
+def documents_ready(session: Session, batch_id: str, kind: Kind, document_ids: set[int], now: datetime) -> list[int]:
     """Move on each waiting document whose windows of its round have all ended: failed when one failed,
-    answered when its windows' JSON merges by rule (extraction), else queued for its reduce; returns the
-    ids to send. The document's row is locked first, so of two workers finishing its last two windows at
-    once, the second sees the first's window ended and moves it, once."""
+    answered when its kind combines the windows' answers itself (classification, extraction merged by
+    rule), else queued for its reduce; returns the ids to send. The document's row is locked first, so of
+    two workers finishing its last two windows at once, the second sees the first's window ended and
+    moves it, once."""
     ready: list[int] = []
     for document_id in sorted(document_ids):
         document = session.execute(select(Item).where(Item.id == document_id).with_for_update()
@@ -94,13 +99,11 @@ def documents_ready(session: Session, batch_id: str, document_ids: set[int], now
         if any(status not in TERMINAL_ITEM for status, _, _ in windows):
             continue
         failed = [(error, code) for status, error, code in windows if status != ItemStatus.succeeded]
-        request = GenerationRequest.model_validate(document.request)
         if failed:
             _end(session, batch_id, document, now, error=f"{len(failed)} of {len(windows)} windows failed; the first: "
                                                         f"{failed[0][0]}", code=failed[0][1] or ErrorCode.engine_error)
-        elif request.windowing is not None and request.windowing.merge != "prompt" and _is_extraction(request):
-            _answer(session, batch_id, document, now, merge(answers(session, document_id, document.round),
-                                                              request.windowing.merge))
+        elif (text := kind.answer_from_windows(session, document, now)) is not None:
+            _answer(session, batch_id, document, now, text)
         else:
             document.status, document.enqueued_at = ItemStatus.queued, now
             ready.append(document_id)
@@ -118,11 +121,6 @@ def merge(texts: list[str], rule: str) -> str:
             elif merged.get(key) is None:
                 merged[key] = value
     return json.dumps(merged, ensure_ascii=False)
-
-
-def _is_extraction(request: GenerationRequest) -> bool:
-    fmt = request.sampling.response_format
-    return fmt is not None and fmt.type == "json_schema"
 
 
 def _end(session: Session, batch_id: str, document: Item, now: datetime, error: str, code: str) -> None:

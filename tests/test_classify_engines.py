@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from schema.errors import EngineError
-from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
+from schema.jobs import ChatMessage, GenerationRequest, SamplingParams, Windows
 from schema.kinds.classify import Classification, ClassifyRequest
 from schema.settings import Settings
 from worker.engine_loop import EngineLoop
@@ -29,7 +29,7 @@ from worker.engines.transformers_engine import TransformersEngine
 from worker.engines.vllm_engine import VLLMEngine
 from worker.engines.vllm_head import VLLMHeadEngine
 from worker.kinds import calibration, classify_prompt, served_kinds
-from worker.kinds.classify import ClassifyResult, _single_key, classify
+from worker.kinds.classify import ClassifyResult, _single_key, _windows, classify
 
 MODEL = "smollm2-135m-instruct"
 ENGINE_NAMES = ["transformers", "vllm"]
@@ -124,6 +124,31 @@ def test_too_long_text_fails_alone(request: pytest.FixtureRequest, name: str) ->
     too_long, fine = classify(get_engine(request, name), requests)
     assert too_long.error is not None and "context" in too_long.error and too_long.classification is None
     assert fine.error is None and fine.classification is not None
+
+
+@pytest.mark.parametrize("name", ENGINE_NAMES)
+def test_a_long_text_splits_into_windows_that_fit(request: pytest.FixtureRequest, name: str) -> None:
+    """Map-reduce: a text of about 2.5 contexts splits into windows that cover it in order, and each, in
+    the prompt it is classified in (single-label, or multi-label's longest yes/no question), fits the
+    context with room for the longest label, nearly filling it; a text that fits stays whole."""
+    engine = get_engine(request, name)
+    assert isinstance(engine, (TransformersEngine, VLLMEngine))
+    long = Windows(long_documents="map-reduce")
+    labels = ["positive", "a label of rather many words"]
+    for multi_label in (False, True):
+        item = ClassifyRequest(text="START " + "word " * 20_000 + "END", labels=labels, long=long,
+                               multi_label=multi_label)
+        texts = _windows(engine, item)
+        assert texts is not None and len(texts) == 3, texts and [len(t) for t in texts]
+        assert texts[0].startswith("START") and texts[-1].endswith("END")
+        for text in texts:
+            queries = ([classify_prompt.yes_no(item, labels, label, text) for label in labels] if multi_label
+                       else [classify_prompt.single_label(item, labels, text)])
+            tokens = [tokenize(engine._tokenizer, query, engine.max_model_len) for query in queries]
+            assert all(isinstance(t, Tokenized) for t in tokens)
+        first = tokenize(engine._tokenizer, classify_prompt.single_label(item, labels, texts[0]), engine.max_model_len)
+        assert isinstance(first, Tokenized) and len(first.prompt) > engine.max_model_len - 100
+    assert _windows(engine, reviews(long=long)[0]) is None
 
 
 # --- calibration, guided choice, multi-label: both engines, same answers -----------------------
@@ -265,6 +290,15 @@ def test_heads_load_through_the_engine_loader_and_agree(heads: tuple[Transformer
         assert answer.method == "head" and not answer.calibrated
         assert list(answer.probabilities) == ["negative", "neutral", "positive"]
         assert sum(answer.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_heads_classify_long_texts_by_windows(heads: tuple[TransformersHeadEngine, VLLMHeadEngine]) -> None:
+    """A text of about three of the head's 512-token contexts splits into windows each head runs."""
+    for engine in heads:
+        texts = _windows(engine, ClassifyRequest(text="word " * 1500, long=Windows(long_documents="map-reduce")))
+        assert texts is not None and len(texts) == 4
+        results = classify(engine, [ClassifyRequest(text=text) for text in texts])
+        assert all(r.error is None for r in results) and max(r.prompt_tokens for r in results) > 400
 
 
 def test_heads_refuse_what_they_cannot_do(heads: tuple[TransformersHeadEngine, VLLMHeadEngine]) -> None:

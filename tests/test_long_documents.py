@@ -10,13 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from producer import api
 from schema import windows
 from schema.db import get_sessionmaker
 from schema.jobs import GenerationRequest, SamplingParams
+from schema.kinds.classify import Classification, ClassifyRequest, combine
 from schema.queue import Queue
+from schema.tables import Classification as ClassificationRow
 from schema.tables import Item
 from tests.conftest import gristmill
 from tests.test_faults import workers_on  # noqa: F401  # a fixture
@@ -131,6 +134,50 @@ def test_map_reduce_on_a_real_engine(sqlite_url: str, settings_for, tmp_path: Pa
     reduce = windows.reduce_request(GenerationRequest.model_validate(document_item.request), answers)
     assert reduce.messages is not None and "secret word" in reduce.messages[0].content  # the instruction kept
     assert "PINEAPPLE" in reduce.messages[-1].content and "MANGO" in reduce.messages[-1].content
+
+
+def test_classification_averages_its_windows(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`gristmill run --task classify --long-documents map-reduce` (transformers, a 512-token context): a
+    review of about three contexts, praise then complaints, is classified window by window; its answer,
+    stored and exported as any line's, is the windows' probabilities averaged; a short line runs whole."""
+    settings = settings_for(sqlite_url, max_model_len=512)
+    review = " ".join(["The battery lasts all day and the screen is lovely."] * 40
+                      + ["It broke after a week and support never answered."] * 80)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "review", "text": review}) + "\n"
+                                       + json.dumps({"id": "short", "text": "I love it."}) + "\n")
+    gristmill("run", "in.jsonl", "-o", "out.jsonl", "--engine", "transformers", "--task", "classify",
+              "--labels", "positive,negative", "--long-documents", "map-reduce", settings=settings, cwd=tmp_path)
+    lines = {line["custom_id"]: line for line in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert list(lines) == ["review", "short"] and lines["short"]["label"]  # one line per input line
+    with get_sessionmaker(sqlite_url)() as session:
+        document = session.scalars(select(Item).where(Item.custom_id == "review")).one()
+        parts = session.scalars(select(Item).where(Item.parent_id == document.id).order_by(Item.window)).all()
+        found = {row.item_id: row.probabilities for row in session.scalars(select(ClassificationRow))}
+    assert len(parts) >= 3 and all(w.status == "succeeded" and w.attempts == 1 for w in parts)
+    assert (document.status, document.round) == ("succeeded", 1)
+    windows_p = [found[w.id] for w in parts]
+    assert windows_p[0]["positive"] > windows_p[-1]["positive"]  # praise first, complaints last
+    answer = lines["review"]
+    for label in ("positive", "negative"):
+        assert answer["probabilities"][label] == pytest.approx(sum(p[label] for p in windows_p) / len(windows_p))
+    assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
+    assert found[document.id] == answer["probabilities"]
+
+
+def test_combining_classified_windows() -> None:
+    """Single-label: probabilities averaged; multi-label: each label's highest, applied from the threshold."""
+    def part(positive: float, negative: float) -> Classification:
+        return Classification(label="positive", probabilities={"positive": positive, "negative": negative},
+                              raw_probabilities={"positive": positive, "negative": negative}, method="score",
+                              calibrated=True)
+
+    parts = [part(0.9, 0.1), part(0.2, 0.8), part(0.1, 0.9)]
+    single = combine(parts, ClassifyRequest(text="x", labels=["positive", "negative"]))
+    assert single.probabilities == pytest.approx({"positive": 0.4, "negative": 0.6}) and single.label == "negative"
+    assert single.labels is None and single.text() == "negative"
+    multi = combine(parts, ClassifyRequest(text="x", labels=["positive", "negative"], multi_label=True, threshold=0.85))
+    assert multi.probabilities == {"positive": 0.9, "negative": 0.9} and multi.labels == ["positive", "negative"]
+    assert multi.raw_probabilities == multi.probabilities and multi.text() == "positive,negative"
 
 
 def test_merging_extracted_answers() -> None:

@@ -18,7 +18,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from schema import cache, store, windows
+from schema import cache, kinds, store, windows
 from schema.db import utcnow
 from schema.errors import ChunkTimeout, ErrorCode
 from schema.states import ItemStatus
@@ -120,8 +120,8 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
         share = (finished - started).total_seconds() / max(len(outcomes), 1)
         cache.remember(session, [o.item.id for o in succeeded], runner.kind, engine, finished, share)
         to_send = windows.add(session, batch_id, [o for o in outcomes if o.windows is not None], finished)
-        to_send += windows.documents_ready(session, batch_id, {o.item.parent_id for o in outcomes if o.item.parent_id},
-                                           finished)
+        to_send += windows.documents_ready(session, batch_id, kinds.get(runner.kind),
+                                           {o.item.parent_id for o in outcomes if o.item.parent_id}, finished)
         store.close_if_done(session, batch_id)
     try:  # after the commit: counting must never fail work that is done
         metrics.finished(runner.kind, model, outcomes, succeeded, started, finished)
@@ -146,9 +146,10 @@ def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str, co
     """The items fail with the error, so the batch can end."""
     with sessions(runtime)() as session, session.begin():
         documents = store.fail_open_items(session, batch_id, item_ids, error, code)
-        ready = windows.documents_ready(session, batch_id, set(documents), utcnow())  # a window that failed
-        store.close_if_done(session, batch_id)
         kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
+        ready = windows.documents_ready(session, batch_id, kinds.get(kind), set(documents),  # a window that failed
+                                        utcnow()) if documents else []
+        store.close_if_done(session, batch_id)
     if ready:
         runtime.queue.send_chunks(batch_id, runtime.engine.model_name, kind, ready)
     metrics.gave_up(kind, runtime.engine.model_name, len(item_ids), code)

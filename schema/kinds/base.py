@@ -3,7 +3,7 @@ what a batch of it takes and gives back; its other half (worker/kinds/<kind>.py)
 
 Everything kind-specific the producer needs goes through a `Kind`: the spec a batch runs with (stored
 in `batches.params`), parsing an input stream into items, and reading finished items back out as
-output lines and CSV rows. Submission, export, the API and the CLI hold no kind-specific branch.
+output lines and CSV rows (and combining a long document's windows' answers). Submission, export, the API and the CLI hold no kind-specific branch.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, BinaryIO, ClassVar
 
 from pydantic import BaseModel, ValidationError
@@ -21,7 +22,7 @@ from schema.errors import ErrorCode, InputError
 from schema.kinds.flags import FileFlags
 from schema.reading import ParsedItem
 from schema.states import ItemStatus
-from schema.tables import Batch
+from schema.tables import Batch, Item
 
 # An item that ended without a result, and the code its error line has when SQL holds none (rows
 # written before items had error codes).
@@ -81,3 +82,9 @@ class Kind(ABC):
     @abstractmethod
     def csv_row(self, row: Row[Any], line: BaseModel) -> dict[str, Any]:
         """One CSV row (keys from csv_columns) of a finished item."""
+
+    def answer_from_windows(self, session: Session, document: Item, now: datetime) -> str | None:
+        """The answer of a long document whose windows (schema.windows) have all succeeded, when the kind
+        combines their answers itself (storing any rows of its own); None: the document goes back to the
+        engine for its reduce."""
+        return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Annotated, Any, BinaryIO, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +19,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from schema.errors import InputError
+from schema.jobs import Windows
 from schema.kinds.base import ERROR_CODES, Kind, Limits, error_code
 from schema.kinds.flags import FileFlags
 from schema.labels import check_labels, load_labels_file
@@ -26,6 +28,7 @@ from schema.models import model_head_labels
 from schema.outputs import ErrorRecord
 from schema.reading import ParsedItem, read_items, validate_as
 from schema.states import ItemStatus
+from schema.store import insert_ignore
 from schema.tables import Batch, Item
 from schema.tables import Classification as ClassificationRow
 
@@ -51,6 +54,9 @@ class ClassifySpec(BaseModel):
     multi_label: bool = Field(default=False, description="each label yes or no on its own")
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
         default=0.5, description="with --multi-label: a label applies from here (0.5)")
+    # A text too long for the context: windows classified alone, their probabilities combined (combine).
+    # Left out of the JSON when failing, so other batches' requests, and their cache keys, stay as they were.
+    long: Windows = Field(default_factory=Windows, exclude_if=lambda v: v.long_documents == "fail")
 
     @field_validator("labels")
     @classmethod
@@ -86,6 +92,30 @@ class Classification(BaseModel):
     raw_probabilities: dict[str, float] | None = None  # before calibration; None for guided choice
     method: UsedMethod
     calibrated: bool
+
+    def text(self) -> str:
+        """The answer as the item's result text: its label, or its labels joined by commas (multi-label)."""
+        return ",".join(self.labels) if self.labels is not None else self.label
+
+
+def combine(parts: list[Classification], request: ClassifyRequest) -> Classification:
+    """One answer for a text from its windows' answers: each label's probability averaged over the windows,
+    or for multi-label its highest (a label applies to the text when it applies to any part of it)."""
+    pool = max if request.multi_label else lambda values: sum(values) / len(values)
+
+    def pooled(name: str) -> dict[str, float] | None:
+        tables = [getattr(part, name) for part in parts]
+        if any(table is None for table in tables):
+            return None
+        return {label: pool([table[label] for table in tables]) for label in tables[0]}
+
+    probabilities = pooled("probabilities")
+    assert probabilities is not None, "every answer has probabilities"
+    label = max(probabilities, key=lambda name: probabilities[name])
+    labels = [name for name, p in probabilities.items() if p >= request.threshold] if request.multi_label else None
+    return Classification(label=label, labels=labels, probabilities=probabilities,
+                          raw_probabilities=pooled("raw_probabilities"), method=parts[0].method,
+                          calibrated=parts[0].calibrated)
 
 
 # --- input --------------------------------------------------------------------------------------
@@ -188,11 +218,23 @@ class Classify(Kind):
                    ClassificationRow.probabilities, ClassificationRow.raw_probabilities, ClassificationRow.method,
                    ClassificationRow.calibrated)
             .outerjoin(ClassificationRow, ClassificationRow.item_id == Item.id)
-            .where(Item.batch_id == batch.id)
+            .where(Item.batch_id == batch.id, Item.parent_id.is_(None))  # input lines, not their windows
             .order_by(Item.line)
             .execution_options(yield_per=2000)
         )
         yield from session.execute(stmt)  # type: ignore[misc]  # a typed Row is a Row
+
+    def answer_from_windows(self, session: Session, document: Item, now: datetime) -> str:
+        """A long text's classification: its windows' combined, stored as any item's."""
+        parts = session.scalars(select(ClassificationRow).join(Item, Item.id == ClassificationRow.item_id)
+                                .where(Item.parent_id == document.id, Item.round == document.round)
+                                .order_by(Item.window)).all()
+        answer = combine([Classification.model_validate(part, from_attributes=True) for part in parts],
+                         ClassifyRequest.model_validate(document.request))
+        insert_ignore(session, ClassificationRow, [{"item_id": document.id, "batch_id": document.batch_id,
+                                                    "custom_id": document.custom_id, **answer.model_dump(),
+                                                    "created_at": now}])
+        return answer.text()
 
     def line(self, row: Row[Any], batch: Batch) -> ClassifyOutputLine | None:
         if row.status == ItemStatus.succeeded and row.label is not None:

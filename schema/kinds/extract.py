@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -24,7 +25,7 @@ from schema.kinds.base import Kind, Limits, error_code
 from schema.outputs import OutputLine
 from schema.states import ItemStatus
 from schema.structured import check_json_schema
-from schema.tables import Batch
+from schema.tables import Batch, Item
 
 DEFAULT_INSTRUCTION = "Extract the information the schema asks for from the user's text."
 
@@ -76,6 +77,9 @@ class Extract(Kind):
 
     def line(self, row: Row[Any], batch: Batch) -> OutputLine | None:
         return generate.KIND.line(row, batch)
+
+    def answer_from_windows(self, session: Session, document: Item, now: datetime) -> str | None:
+        return generate.KIND.answer_from_windows(session, document, now)
 
     def csv_columns(self, session: Session, batch: Batch) -> list[str]:
         return ["custom_id", "status", *_fields(batch), "error_code", "error"]

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
+from schema import windows
 from schema.db import epoch
 from schema.inputs import ParsedItem, parse_input_stream
 from schema.jobs import GenerationRequest, SamplingParams, Windowing
@@ -72,6 +74,14 @@ class Generate(Kind):
             return error_line(row.custom_id, error_code(row), row.last_error or row.status,
                               line_id=f"batch_req_{row.id}")
         return None
+
+    def answer_from_windows(self, session: Session, document: Item, now: datetime) -> str | None:
+        """Extracted JSON merged by rule (`merge` first or concat) without a reduce; else None."""
+        request = GenerationRequest.model_validate(document.request)
+        fmt, windowing = request.sampling.response_format, request.windowing
+        if windowing is None or windowing.merge == "prompt" or fmt is None or fmt.type != "json_schema":
+            return None
+        return windows.merge(windows.answers(session, document.id, document.round), windowing.merge)
 
     def csv_columns(self, session: Session, batch: Batch) -> list[str]:
         return CSV_COLUMNS

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from schema.errors import EngineError, ErrorCode, ModelError
-from schema.jobs import GenerationRequest, GenerationResult
+from schema.jobs import GenerationRequest, GenerationResult, Windows
 from schema.settings import Settings, get_settings
 from worker.engines.base import EMBED, Engine, Generator
 
@@ -234,17 +235,24 @@ def fit(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, prompt_t
 def document_windows(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest,
                      max_model_len: int) -> list[str] | None:
     """The texts of the windows a request's document splits into (request.windowing), each fitting the
-    context with the rest of the prompt and max_tokens; None when the request fits as it is, or has no
-    document, or when the rest of its prompt leaves no room for a window longer than the overlap."""
-    windowing, sampling = request.windowing, request.sampling
+    context with the rest of the prompt and max_tokens (text_windows)."""
     document = request.document()
-    if windowing is None or document is None:
+    if request.windowing is None or document is None:
         return None
-    prompt_tokens = len(prompt_token_ids(tokenizer, request))
-    if context_error(prompt_tokens, sampling.max_tokens, max_model_len) is None:
+    return text_windows(tokenizer, request.with_document, document, request.sampling.max_tokens,
+                        request.windowing, max_model_len)
+
+
+def text_windows(tokenizer: PreTrainedTokenizerBase, prompt: Callable[[str], GenerationRequest], document: str,
+                 reserve: int, windowing: Windows, max_model_len: int) -> list[str] | None:
+    """The texts of the windows `document` splits into so that `prompt(window)` fits the context with
+    `reserve` tokens left for the answer; None when the whole document fits, or when the rest of the
+    prompt leaves no room for a window longer than the overlap."""
+    prompt_tokens = len(prompt_token_ids(tokenizer, prompt(document)))
+    if context_error(prompt_tokens, reserve, max_model_len) is None:
         return None
     doc_ids = list(tokenizer(document, add_special_tokens=False)["input_ids"])
-    room = max_model_len - sampling.max_tokens - (prompt_tokens - len(doc_ids)) - WINDOW_MARGIN
+    room = max_model_len - reserve - (prompt_tokens - len(doc_ids)) - WINDOW_MARGIN
     size = min(windowing.window_tokens or room, room)
     if size < 2 * WINDOW_MARGIN:
         return None

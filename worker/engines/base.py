@@ -7,11 +7,12 @@ chunk of a kind this engine cannot run fails its items as `unsupported` instead 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from schema.errors import ErrorCode
-from schema.jobs import GenerationRequest, GenerationResult
+from schema.jobs import GenerationRequest, GenerationResult, Windows
 
 if TYPE_CHECKING:  # worker.engines.labels imports the package that imports this module
     from worker.engines.labels import Choice, HeadScores, LabelLogprobs, LabelQuery
@@ -72,12 +73,20 @@ class LabelScorer(Engine, Protocol):
         """Guided choice: greedy generation constrained to one of the query's labels."""
         ...
 
+    def label_windows(self, query: Callable[[str], LabelQuery], text: str, windows: Windows) -> list[str] | None:
+        """The windows of a text too long for the context (worker.engines.labels.query_windows)."""
+        ...
+
 
 class HeadClassifier(Engine, Protocol):
     head_labels: list[str]  # the model's labels, in its id2label order
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
         """A classification head's softmax over `head_labels` for each text."""
+        ...
+
+    def head_windows(self, text: str, windows: Windows) -> list[str] | None:
+        """The windows of a text too long for the context (worker.engines.text_windows)."""
         ...
 
 

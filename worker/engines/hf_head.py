@@ -9,11 +9,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from schema.errors import EngineError, ErrorCode, ModelError
+from schema.jobs import Windows
 from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import context_length
 from worker.engines.base import CLASSIFY_HEAD
-from worker.engines.labels import HeadScores
+from worker.engines.labels import HeadScores, text_windows_alone
 from worker.engines.transformers_engine import compute_dtype
 
 DEFAULT_BATCH_SIZE = 32
@@ -50,6 +51,10 @@ class TransformersHeadEngine:
         self._model: Any = loaded.to(self.device).eval()
         own = getattr(loaded.config, "max_position_embeddings", None)
         self.max_model_len = context_length(max_model_len or settings.max_model_len, own, "transformers head")
+
+    def head_windows(self, text: str, windows: Windows) -> list[str] | None:
+        """The windows of a text too long for the context (worker.engines.labels.text_windows_alone)."""
+        return text_windows_alone(self._tokenizer, text, windows, self.max_model_len)
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
         """The model's softmax for each text; a text longer than the context fails alone."""

@@ -8,12 +8,13 @@ token after it: "billing" then means the answer stops there, and the two labels 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from schema.errors import ErrorCode, ModelError
-from schema.jobs import ChatMessage, GenerationRequest
-from worker.engines import prompt_token_ids
+from schema.jobs import ChatMessage, GenerationRequest, Windows
+from worker.engines import prompt_token_ids, text_windows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -97,6 +98,22 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, query: LabelQuery, max_model_le
         return Refused(ErrorCode.context_length_exceeded, f"prompt is {len(prompt)} tokens and the longest label "
                                                            f"{longest}; the model's context is {max_model_len}")
     return Tokenized(prompt, continuations)
+
+
+def query_windows(tokenizer: PreTrainedTokenizerBase, query: Callable[[str], LabelQuery], text: str,
+                  windows: Windows, max_model_len: int) -> list[str] | None:
+    """The windows of a text too long for the context: `query(window)` fits with room for the longest
+    label (worker.engines.text_windows); None when the text fits whole."""
+    labels = query("").labels
+    longest = max(len(c) for c in continuation_ids(tokenizer, labels, end_token_id(tokenizer)))
+    return text_windows(tokenizer, lambda window: GenerationRequest(messages=query(window).messages), text, longest,
+                        windows, max_model_len)
+
+
+def text_windows_alone(tokenizer: PreTrainedTokenizerBase, text: str, windows: Windows,
+                       max_model_len: int) -> list[str] | None:
+    """A classification head's windows: the text is the whole prompt, tokenized as it reads it."""
+    return text_windows(tokenizer, lambda window: GenerationRequest(prompt=window), text, 0, windows, max_model_len)
 
 
 def end_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from schema.errors import EngineError, ErrorCode, ModelError
-from schema.jobs import GenerationRequest, GenerationResult, SamplingParams
+from schema.jobs import GenerationRequest, GenerationResult, SamplingParams, Windows
 from schema.models import ModelSource, resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import (
@@ -32,6 +32,7 @@ from worker.engines.labels import (
     LabelQuery,
     end_token_id,
     greedy_walk,
+    query_windows,
     split_runnable,
 )
 from worker.engines.pooling import is_matryoshka, pooling_of
@@ -166,6 +167,10 @@ class TransformersEngine:
         for (index, tokens), per_label in zip(runnable, scores, strict=True):
             slots[index] = LabelLogprobs(per_label, len(tokens.prompt))
         return [slot if slot is not None else LabelLogprobs(error="not run") for slot in slots]
+
+    def label_windows(self, query: Callable[[str], LabelQuery], text: str, windows: Windows) -> list[str] | None:
+        """The windows of a text too long for the context (worker.engines.labels.query_windows)."""
+        return query_windows(self._tokenizer, query, text, windows, self.max_model_len)
 
     def choose(self, queries: list[LabelQuery]) -> list[Choice]:
         """Guided choice: constrained greedy decoding, which is a greedy walk down the labels' token

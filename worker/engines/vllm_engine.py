@@ -12,13 +12,14 @@ import json
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from transformers import AutoTokenizer
 
 from schema.errors import EngineError, ErrorCode
-from schema.jobs import GenerationRequest, GenerationResult
+from schema.jobs import GenerationRequest, GenerationResult, Windows
 from schema.models import resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import (
@@ -35,6 +36,7 @@ from worker.engines.labels import (
     LabelLogprobs,
     LabelQuery,
     Refused,
+    query_windows,
     split_runnable,
     tokenize,
 )
@@ -222,6 +224,10 @@ class VLLMEngine:
         for (index, tokens), per_label in zip(runnable, scores, strict=True):
             slots[index] = LabelLogprobs(per_label, len(tokens.prompt))
         return [slot if slot is not None else LabelLogprobs(error="not run") for slot in slots]
+
+    def label_windows(self, query: Callable[[str], LabelQuery], text: str, windows: Windows) -> list[str] | None:
+        """The windows of a text too long for the context (worker.engines.labels.query_windows)."""
+        return query_windows(self._tokenizer, query, text, windows, self.max_model_len)
 
     def choose(self, queries: list[LabelQuery]) -> list[Choice]:
         """Guided choice: greedy generation constrained to one of the labels (structured outputs)."""

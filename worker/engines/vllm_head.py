@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from schema.errors import EngineError, ErrorCode, ModelError
+from schema.jobs import Windows
 from schema.models import head_config, head_labels, resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines.base import CLASSIFY_HEAD
-from worker.engines.labels import HeadScores
+from worker.engines.labels import HeadScores, text_windows_alone
 from worker.engines.vllm_engine import VLLMEngine
 
 
@@ -27,6 +28,10 @@ class VLLMHeadEngine(VLLMEngine):
         asked, own = max_model_len or settings.max_model_len, config.get("max_position_embeddings")
         super().__init__(model, settings=settings, max_model_len=min(asked, own or asked) if asked else None)
         self.head_labels = head_labels(config)
+
+    def head_windows(self, text: str, windows: Windows) -> list[str] | None:
+        """The windows of a text too long for the context (worker.engines.labels.text_windows_alone)."""
+        return text_windows_alone(self._tokenizer, text, windows, self.max_model_len)
 
     def classify_texts(self, texts: list[str]) -> list[HeadScores]:
         """The model's softmax for each text; a text longer than the context fails alone."""

@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.orm import Session
 
 from schema import store
 from schema.db import utcnow
 from schema.errors import ErrorCode
+from schema.jobs import Windows
 from schema.kinds.classify import Classification, ClassifyRequest
 from schema.tables import Classification as ClassificationRow
 from worker.engines.base import CLASSIFY_HEAD, SCORE_LABELS, Engine, HeadClassifier, LabelScorer
@@ -215,17 +216,22 @@ class Classify(Runner):
     needs = (frozenset({SCORE_LABELS}), frozenset({CLASSIFY_HEAD}))  # a generative model, or a classifier
 
     def run(self, runtime: Runtime, claimed: list[store.Claimed]) -> Ran:
-        """Classify the claimed items on the engine's own thread (vLLM's LLM is not thread-safe)."""
+        """Classify the claimed items on the engine's own thread (vLLM's LLM is not thread-safe); a text
+        too long for the context in a map-reduce batch splits into windows instead (schema.windows)."""
         requests = [ClassifyRequest.model_validate(c.request) for c in claimed]
+        engine = runtime.engine
+
+        def work() -> tuple[dict[int, list[str]], dict[int, ClassifyResult]]:
+            splits = {i: texts for i, request in enumerate(requests) if (texts := _windows(engine, request))}
+            rest = [i for i in range(len(requests)) if i not in splits]
+            return splits, dict(zip(rest, classify(engine, [requests[i] for i in rest]), strict=True))
+
         started = utcnow()
-        results = bounded(runtime, runtime.loop.call(lambda: classify(runtime.engine, requests)))
+        splits, results = bounded(runtime, runtime.loop.call(work))
         finished = utcnow()
         outcomes: list[store.Outcome] = [
-            ClassifyOutcome(item=c, text=_text(r.classification), prompt_tokens=r.prompt_tokens,
-                            completion_tokens=r.completion_tokens, error=r.error, error_code=r.error_code,
-                            classification=r.classification)
-            for c, r in zip(claimed, results, strict=True)
-        ]
+            store.Outcome(item=c, windows=[_window(requests[i], text) for text in splits[i]]) if i in splits
+            else _outcome(c, results[i]) for i, c in enumerate(claimed)]
         return outcomes, started, finished
 
     def stage(self, session: Session, batch_id: str, succeeded: list[store.Outcome], finished: datetime) -> None:
@@ -237,10 +243,32 @@ class Classify(Runner):
             store.insert_ignore(session, ClassificationRow, rows)
 
 
-def _text(result: Classification | None) -> str:
-    if result is None:
-        return ""
-    return ",".join(result.labels) if result.labels is not None else result.label
+def _outcome(item: store.Claimed, r: ClassifyResult) -> ClassifyOutcome:
+    return ClassifyOutcome(item=item, text=r.classification.text() if r.classification else "",
+                           prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, error=r.error,
+                           error_code=r.error_code, classification=r.classification)
+
+
+def _windows(engine: Engine, request: ClassifyRequest) -> list[str] | None:
+    """The windows of a text too long for the context, when its batch asks for map-reduce: each fits the
+    engine's context within the prompt the text is classified in (a classification head reads it alone)."""
+    route = _route(engine, request)
+    if request.long.long_documents == "fail" or route == "unlabeled":
+        return None
+    if route == "head":
+        return cast(HeadClassifier, engine).head_windows(request.text, request.long)
+    labels = _labels(request)
+    if request.multi_label:  # the longest yes/no question leaves the least room: its windows fit every label's
+        longest = max(labels, key=len)
+        return cast(LabelScorer, engine).label_windows(
+            lambda text: classify_prompt.yes_no(request, labels, longest, text), request.text, request.long)
+    return cast(LabelScorer, engine).label_windows(
+        lambda text: classify_prompt.single_label(request, labels, text), request.text, request.long)
+
+
+def _window(request: ClassifyRequest, text: str) -> dict[str, Any]:
+    """A window's request: the item's, with the window's text; sized to fit, so it does not split again."""
+    return request.model_copy(update={"text": text, "long": Windows()}).model_dump(mode="json")
 
 
 RUNNER = Classify()
