@@ -45,7 +45,7 @@ def fresh_services(workdir: Path, **settings: Any) -> Iterator[Settings]:
 def env_for(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRISTMILL_")}
     env.update({f"GRISTMILL_{key.upper()}": json.dumps(value) if isinstance(value, dict | list) else str(value)
-                for key, value in settings.model_dump().items()})
+                for key, value in settings.model_dump().items() if value is not None})  # None: the default
     env["PYTHONPATH"] = str(REPO)
     return env
 

@@ -224,6 +224,40 @@ def test_engines_agree_on_multi_label(transformers_engine: TransformersEngine, v
             assert (label in hf_labels) == (label in vl_labels)
 
 
+SHOTS = [{"text": "Excellent product, works exactly as described.", "label": "positive"},
+         {"text": "Terrible battery life, do not buy this.", "label": "negative"},
+         {"text": "I love this headset, the sound is clear.", "label": "positive"},
+         {"text": "It broke after two days and support never answered.", "label": "negative"}]
+
+
+def test_engines_agree_on_few_shot(transformers_engine: TransformersEngine, vllm_engine: VLLMEngine) -> None:
+    """Examples are earlier turns, the same for every text; they move the answers, on both engines alike,
+    for label scoring (its content-free prior estimated with them), guided choice and multi-label."""
+    few = reviews(examples=SHOTS, shots=2)
+    query = classify_prompt.single_label(few[0], ["positive", "negative"])
+    assert [m.role for m in query.messages] == ["user", "assistant"] * 4 + ["user"]
+    assert query.messages[:-1] == classify_prompt.single_label(few[1], ["positive", "negative"]).messages[:-1]
+    assert [m.content for m in query.messages[1:-1:2]] == ["positive", "negative"] * 2
+    hf, vl = classify(transformers_engine, few), classify(vllm_engine, few)
+    assert_same(hf, vl)
+    zero_shot = classify(vllm_engine, reviews())
+    moved = [abs(answer_of(a).probabilities["positive"] - answer_of(b).probabilities["positive"])
+             for a, b in zip(vl, zero_shot, strict=True)]
+    assert max(moved) > 0.05
+    with_examples, without = (calibration.known(_single_key(vllm_engine, r)) for r in (few[0], reviews()[0]))
+    assert with_examples is not None and without is not None and with_examples != without  # a prior of its own
+    assert_same(classify(transformers_engine, reviews(examples=SHOTS, method="choice")),
+                classify(vllm_engine, reviews(examples=SHOTS, method="choice")))
+    tagged = [{**shot, "labels": [shot["label"]]} for shot in SHOTS]
+    multi = [ClassifyRequest(text=REVIEWS[0][0], labels=["positive", "negative"], multi_label=True,
+                             examples=[{k: v for k, v in t.items() if k != "label"} for t in tagged])]
+    yes_no = classify_prompt.yes_no(multi[0], ["positive", "negative"], "negative")
+    assert [m.content for m in yes_no.messages[1:-1:2]] == ["no", "yes", "no", "yes"]
+    [hf_multi], [vl_multi] = classify(transformers_engine, multi), classify(vllm_engine, multi)
+    for label, p in answer_of(hf_multi).probabilities.items():
+        assert p == pytest.approx(answer_of(vl_multi).probabilities[label], abs=TOLERANCE)
+
+
 # --- the engine loop: classification on the driver thread, generation untouched ----------------
 
 

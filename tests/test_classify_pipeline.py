@@ -113,6 +113,34 @@ def test_guided_choice_and_multi_label_from_the_cli(sqlite_url: str, settings_fo
         assert line.labels == [label for label, p in probabilities.items() if p >= 0.6]
 
 
+SHOTS: list[dict[str, object]] = [  # labelled reviews (not the lines above), two of each label
+    {"text": "Excellent product, works exactly as described.", "label": "positive"},
+    {"text": "Terrible battery life, do not buy this.", "label": "negative"},
+    {"text": "I love this headset, the sound is clear.", "label": "positive"},
+    {"text": "It broke after two days and support never answered.", "label": "negative"},
+    {"text": "Arrived scratched and the buttons stick.", "label": "negative"},
+]
+
+
+def test_few_shot_examples_from_the_cli(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`--examples labelled.jsonl --shots 2`: two examples of each label, stored once in each item's
+    request, go before every text as earlier turns; the reviews get their labels."""
+    settings = settings_for(sqlite_url)
+    reviews, out = write_jsonl(tmp_path / "reviews.jsonl", LINES[:3]), tmp_path / "labels.jsonl"
+    write_jsonl(tmp_path / "labelled.jsonl", SHOTS)
+    gristmill("run", str(reviews), "--task", "classify", "--labels", "positive,negative", "--instruction", SENTIMENT,
+              "--examples", "labelled.jsonl", "--shots", "2", "-o", str(out), "--engine", "transformers",
+              settings=settings, cwd=tmp_path)
+    assert [line.label for line in read_lines(out)] == ["positive", "negative", "positive"]
+    with get_sessionmaker(sqlite_url)() as session:
+        requests = list(session.scalars(select(Item.request)))
+        params = session.scalars(select(Batch.params)).one()
+    examples = [[(e["text"], e["label"]) for e in request["examples"]] for request in requests]
+    assert all(chosen == examples[0] for chosen in examples) and len(examples[0]) == 4
+    assert [label for _, label in examples[0]] == ["positive", "negative"] * 2
+    assert params["examples"] == requests[0]["examples"] and params["shots"] == 2
+
+
 def test_classification_model_from_the_cli(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     folder = tmp_path / "tiny-sentiment"
     source = resolve_model("smollm2-135m-instruct")

@@ -160,6 +160,64 @@ def test_too_many_lines_and_empty_files(tmp_path: Path) -> None:
         parse_classify_input(empty, ClassifySpec(labels=["p", "n"]), **LIMITS)
 
 
+# --- few-shot examples ----------------------------------------------------------------------------
+
+EXAMPLES = [{"text": f"review {i}", "label": "positive" if i % 3 else "negative"} for i in range(12)]
+
+
+def test_examples_are_chosen_balanced_and_whatever_the_file_order() -> None:
+    """k of each label, by a hash of the text (not the file's order), shown label after label in turn;
+    choosing again from the chosen (each item's request is validated again) keeps them."""
+    spec = classify_spec(["positive", "negative"], examples=EXAMPLES, shots=3)
+    assert spec.examples is not None and [e.label for e in spec.examples] == ["positive", "negative"] * 3
+    again = classify_spec(["positive", "negative"], examples=list(reversed(EXAMPLES)), shots=3)
+    assert again.examples == spec.examples
+    request = ClassifyRequest(**spec.model_dump(), text="x")
+    assert request.examples == spec.examples
+    assert "examples" not in classify_spec(["positive", "negative"]).model_dump()  # other batches: as before
+    few = classify_spec(["positive", "negative"], examples=EXAMPLES, shots=20)  # fewer than asked: all of them
+    assert few.examples is not None and sorted(e.text for e in few.examples) == sorted(e["text"] for e in EXAMPLES)
+
+
+@pytest.mark.parametrize(("examples", "options", "message"), [
+    ([{"text": "a", "label": "positive"}], {}, "no example has label 'negative'"),
+    ([{"text": "a", "label": "neutral"}], {}, "label 'neutral', not one of"),
+    ([{"text": "a", "labels": ["positive"]}], {}, 'a single-label batch\'s examples give "label"'),
+    ([{"text": "a", "label": "positive", "labels": ["positive"]}], {}, 'give "label"'),
+])
+def test_bad_examples_are_refused_with_a_reason(examples: list[Any], options: dict[str, Any], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        classify_spec(["positive", "negative"], examples=examples, **options)
+
+
+def test_multi_label_examples_count_for_each_of_their_labels() -> None:
+    examples = [{"text": "both", "labels": ["a", "b"]}, {"text": "none", "labels": []}, {"text": "only a", "labels": ["a"]}]
+    spec = classify_spec(["a", "b", "c"], examples=examples, shots=1, multi_label=True)  # no example of c: allowed
+    assert spec.examples is not None and [e.text for e in spec.examples] in (["both"], ["only a", "both"])
+
+
+def test_examples_file_from_the_command_line_names_a_bad_line(tmp_path: Path) -> None:
+    """`--examples labelled.jsonl`: one example a line; a bad line is named by file, line and field."""
+    from schema.kinds.flags import spec_flags
+
+    load = next(f for f in spec_flags(ClassifySpec) if f.option == "--examples").load
+    assert load is not None
+    path = tmp_path / "labelled.jsonl"
+    path.write_text(json.dumps(EXAMPLES[0]) + "\n\n" + json.dumps({"id": 7, **EXAMPLES[1]}) + "\n")
+    assert load(str(path)) == [EXAMPLES[0], EXAMPLES[1]]  # blank lines skipped, other keys dropped
+    path.write_text(json.dumps(EXAMPLES[0]) + "\n" + json.dumps({"text": "", "label": "positive"}) + "\n")
+    with pytest.raises(InputError) as raised:
+        load(str(path))
+    assert str(raised.value).startswith(f"{path}:2: field 'text': String should have at least 1 character")
+
+
+def test_lines_of_a_few_shot_batch_keep_its_labels(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "x", "labels": ["cat", "dog"]}) + "\n")
+    with pytest.raises(InputError, match="in.jsonl:1: field 'labels': the batch's examples"):
+        parse_classify_input(path, classify_spec(["positive", "negative"], examples=EXAMPLES), **LIMITS)
+
+
 # --- output lines --------------------------------------------------------------------------------
 
 

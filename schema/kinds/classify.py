@@ -9,6 +9,7 @@ worker/kinds/classify.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from datetime import datetime
@@ -40,6 +41,47 @@ Method = Literal["score", "choice"]
 UsedMethod = Literal["score", "choice", "head"]
 
 
+class Example(BaseModel):
+    """A labelled text for few-shot prompts: its `label`, or (multi-label) the `labels` that apply."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")  # an id or other columns may ride along
+    text: Annotated[str, Field(min_length=1)]
+    label: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    labels: list[str] | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> Example:
+        if (self.label is None) == (self.labels is None):
+            raise ValueError('give "label" (or, for multi-label, "labels"), one of them')
+        return self
+
+    def answers(self) -> list[str]:
+        return self.labels if self.labels is not None else [self.label or ""]
+
+
+def choose_examples(examples: list[Example], labels: list[str], shots: int, multi_label: bool) -> list[Example]:
+    """`shots` examples of each label, the same whatever order the file has (by a hash of the text), shown
+    label after label in turn (a, b, a, b: no label always last); a multi-label example counts for each of
+    its labels. Choosing again from the chosen gives them again. ValueError names an example whose label
+    is not one of `labels`, or (single-label) a label no example has."""
+    for example in examples:
+        if example.labels is not None and not multi_label:
+            raise ValueError(f"example {example.text[:40]!r} gives \"labels\": a single-label batch's examples give "
+                             f"\"label\"")
+        if unknown := [label for label in example.answers() if label not in labels]:
+            raise ValueError(f"example {example.text[:40]!r} has label {unknown[0]!r}, not one of {labels}")
+    ranked = sorted(examples, key=lambda e: hashlib.sha256(e.text.encode()).hexdigest())
+    per_label = {label: [e for e in ranked if label in e.answers()][:shots] for label in labels}
+    if not multi_label and (missing := [label for label, chosen in per_label.items() if not chosen]):
+        raise ValueError(f"no example has label {missing[0]!r}: a few-shot prompt shows every label")
+    chosen: list[Example] = []
+    for turn in range(shots):
+        for label in labels:
+            if turn < len(per_label[label]) and per_label[label][turn] not in chosen:
+                chosen.append(per_label[label][turn])
+    return chosen
+
+
 class ClassifySpec(BaseModel):
     """A classification batch's parameters; each line may override `labels`."""
 
@@ -54,6 +96,13 @@ class ClassifySpec(BaseModel):
     multi_label: bool = Field(default=False, description="each label yes or no on its own")
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
         default=0.5, description="with --multi-label: a label applies from here (0.5)")
+    # Few-shot: the chosen examples (choose_examples) go before the text in every prompt, the same prefix
+    # for every item, which the engine computes once. Left out of the JSON when unused, as `long`.
+    examples: list[Example] | None = Field(
+        default=None, exclude_if=lambda v: v is None, json_schema_extra={"cli": "jsonl"},
+        description="a JSONL file of labelled texts {text, label}: --shots of each label go before every text")
+    shots: Annotated[int, Field(ge=1, le=64)] = Field(default=8, exclude_if=lambda v: v == 8,
+                                                      description="with --examples: examples per label (8)")
     # A text too long for the context: windows classified alone, their probabilities combined (combine).
     # Left out of the JSON when failing, so other batches' requests, and their cache keys, stay as they were.
     long: Windows = Field(default_factory=Windows, exclude_if=lambda v: v.long_documents == "fail")
@@ -67,6 +116,14 @@ class ClassifySpec(BaseModel):
     def _method_fits(self) -> ClassifySpec:
         if self.multi_label and self.method == "choice":
             raise ValueError("multi-label scores each label on its own: use method 'score', not 'choice'")
+        return self
+
+    @model_validator(mode="after")
+    def _examples_chosen(self) -> ClassifySpec:
+        if self.examples is not None:
+            if self.labels is None:
+                raise ValueError("examples need the batch's labels (--labels)")
+            self.examples = choose_examples(self.examples, self.labels, self.shots, self.multi_label)
         return self
 
     @field_validator("instruction")
@@ -157,6 +214,9 @@ def _item(obj: dict[str, Any], lineno: int, name: str, spec: ClassifySpec,
     if custom_id is None:
         raise InputError(name, lineno, "custom_id", "required field is missing (give 'custom_id' or 'id')")
     labels = line.labels or spec.labels
+    if spec.examples is not None and labels != spec.labels:
+        raise InputError(name, lineno, "labels", "the batch's examples are of its own labels; a line with "
+                                                 "--examples cannot bring other labels")
     if head_labels is not None and labels is not None and sorted(labels) != sorted(head_labels):
         raise InputError(name, lineno, "labels", f"the model is a classifier with labels {head_labels}; "
                                                  f"labels {labels} differ")

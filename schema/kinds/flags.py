@@ -2,7 +2,8 @@
 
 Every field of a kind's spec is a flag: `max_tokens` is `--max-tokens`, a nested model's fields are flags
 of their own (generation's `sampling`), a bool is a switch (`--no-calibrate` when it defaults to on), a
-Literal gives choices, a list is comma-separated (repeatable with `cli: append`). A field names another
+Literal gives choices, a list is comma-separated (repeatable with `cli: append`), or read from a file:
+`cli: file` (JSON or YAML), `cli: jsonl` (a list of models, a line each). A field names another
 flag with `json_schema_extra={"flag": "--system"}`. Kinds that share a field share its flag. Flags default
 to None, so a flag not given leaves the spec's own default in place.
 """
@@ -10,6 +11,7 @@ to None, so a flag not given leaves the spec's own default in place.
 from __future__ import annotations
 
 import argparse
+import functools
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from schema.errors import InputError
+from schema.reading import decode_line, read_lines, validate_as
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ def spec_flags(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator
             options["metavar"] = "PATH"
             yield Flag((*prefix, name), option, options, load_structured_file)
             continue
+        elif extra.get("cli") == "jsonl":  # a list of models, one per line of a JSONL file
+            options["metavar"] = "PATH"
+            yield Flag((*prefix, name), option, options, functools.partial(load_jsonl_as, get_args(base)[0]))
+            continue
         elif get_origin(base) is list:
             options.update(action="append") if extra.get("cli") == "append" else options.update(type=split_list)
         else:
@@ -86,6 +93,19 @@ def load_structured_file(path: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         raise InputError(path, mark.line + 1 if mark else None, None,
                          f"not valid JSON or YAML: {getattr(exc, 'problem', None) or exc}") from None
+
+
+MAX_LINE_BYTES = 1_000_000  # a labelled example is a text, as an input line is (GRISTMILL_MAX_LINE_BYTES' default)
+
+
+def load_jsonl_as(model: type[BaseModel], path: str) -> list[dict[str, Any]]:
+    """Every non-blank line of a JSONL file validated as `model`; InputError names the file, line and field."""
+    try:
+        with open(path, "rb") as stream:
+            return [validate_as(model, decode_line(raw, path, lineno), path, lineno, "").model_dump(exclude_none=True)
+                    for lineno, raw in read_lines(stream, path, MAX_LINE_BYTES) if raw.strip()]
+    except OSError as exc:
+        raise InputError(path, None, None, f"cannot read file: {exc.strerror or exc}") from exc
 
 
 FileFlags = dict[str, Callable[[str], Any]]  # field -> loader of `--<field>-file PATH`

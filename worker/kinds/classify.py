@@ -5,6 +5,7 @@ or a classification head, run on the thread that owns the engine; the answer bec
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -124,11 +125,18 @@ def _calibrated(raw: list[float], key: Hashable) -> list[float]:
 
 
 def _single_key(engine: Engine, request: ClassifyRequest) -> Hashable:
-    return (engine.name, engine.model_name, "single", request.instruction, tuple(_labels(request)))
+    return (engine.name, engine.model_name, "single", request.instruction, tuple(_labels(request)), _shots(request))
 
 
 def _yes_no_key(engine: Engine, request: ClassifyRequest, label: str) -> Hashable:
-    return (engine.name, engine.model_name, "yes_no", request.instruction, tuple(_labels(request)), label)
+    return (engine.name, engine.model_name, "yes_no", request.instruction, tuple(_labels(request)), _shots(request),
+            label)
+
+
+def _shots(request: ClassifyRequest) -> str | None:
+    """The few-shot examples, as part of a prior's key: they change the model's bias as the wording does."""
+    examples = request.examples
+    return hashlib.sha256(repr([(e.text, e.answers()) for e in examples]).encode()).hexdigest() if examples else None
 
 
 def _answer(labels: list[str], final: list[float], raw: list[float] | None, method: str,
