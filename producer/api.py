@@ -7,14 +7,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from producer import export
+from producer import evaluation, export
 from producer.service import Record, Service, Source
 from schema.batch_object import BatchObject
+from schema.db import get_sessionmaker
 from schema.settings import Settings, get_settings
+from schema.tables import Batch
 
 
 class BatchHandle:
-    """A submitted batch: ask its status, wait for it, read or export its results, cancel it."""
+    """A submitted batch: ask its status, wait for it, read or export its results, evaluate or cancel it."""
 
     def __init__(self, batch_id: str, settings: Settings | None = None, service: Service | None = None) -> None:
         self.id = batch_id
@@ -51,6 +53,15 @@ class BatchHandle:
 
     def stats(self) -> dict[str, Any]:
         return self.service.stats(self.id)
+
+    def evaluate(self, gold: str | Path) -> dict[str, Any]:
+        """Score a classification batch's answers against a gold JSONL file {custom_id|id, label|labels}:
+        accuracy, macro-F1, per-label figures, the confusion matrix and the ECE; stored, and returned."""
+        self.status()  # not found, or another project's: BatchNotFound
+        with get_sessionmaker(self.settings.database_url)() as session, session.begin():
+            batch = session.get(Batch, self.id)
+            assert batch is not None
+            return evaluation.evaluate(session, batch, gold, self.settings.max_line_bytes)
 
     def cancel(self) -> BatchObject:
         """Stop queued items now; running ones finish and keep their results; ends `cancelled`."""

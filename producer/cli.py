@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Column, Table
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from producer import api, logs, schedule_cli
@@ -79,6 +81,11 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("batch_id")
     stats.add_argument("--json", action="store_true", help="every figure, with the charts' histograms and timeline")
     stats.add_argument("--plot", metavar="FILE", help="also draw the charts into FILE (.png, .svg or .pdf)")
+    evaluate = sub.add_parser("eval", help="score a classification batch against gold labels; stored, shown by stats")
+    evaluate.add_argument("batch_id")
+    evaluate.add_argument("--gold", required=True, help='JSONL lines {"custom_id" or "id", "label"} '
+                                                         '(multi-label: "labels": [...])')
+    evaluate.add_argument("--json", action="store_true", help="every figure, with per-label and calibration bins")
     models = sub.add_parser("models", help="model cache").add_subparsers(dest="action", required=True)
     prepare = models.add_parser("prepare", help="convert a model once into the local cache")
     prepare.add_argument("name", nargs="?")
@@ -174,6 +181,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             {**summary, "wall_s": wall, "engine_start_s": rt.engine_start_s, "engine": rt.engine.name}, indent=2))
     print(summary_line(info.status, summary, counts, wall, rt.engine_start_s) + f"; results in {args.output}",
           file=sys.stderr)
+    if summary.get("calibration_warning"):
+        print(f"warning: {summary['calibration_warning']}", file=sys.stderr)
     return 0 if info.status == "completed" else 1
 
 
@@ -257,7 +266,7 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     for key, value in summary.items():
-        if key in ("histograms", "timeline"):  # series: --json and --plot show them
+        if key in ("histograms", "timeline", "calibration_warning", "evaluation"):  # series; the last two: below
             continue
         if key == "errors":
             value = "  ".join(f"{e['code']} {e['count']}" for e in value) or "none"
@@ -266,7 +275,62 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
         elif isinstance(value, float):
             value = f"{value:.2f}"
         print(f"{key:<20} {value}")
+    if summary.get("calibration_warning"):
+        print(f"warning: {summary['calibration_warning']}")
+    if summary.get("evaluation"):
+        print(f"{'evaluation':<20} {evaluation_line(summary['evaluation'])}")
+        _console().print(confusion_table(summary["evaluation"]))
     return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    result = api.open_batch(args.batch_id, settings).evaluate(args.gold)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    console = _console()
+    console.print(evaluation_line(result))
+    console.print(per_label_table(result), confusion_table(result))
+    return 0
+
+
+def _console() -> Console:
+    """Tables on stdout as they are: labels and file names are not rich markup, numbers not highlighted."""
+    return Console(soft_wrap=True, markup=False, highlight=False)
+
+
+def evaluation_line(result: dict[str, Any]) -> str:
+    """`accuracy 0.867  macro-F1 0.861  ECE 0.074: 27 items against gold.jsonl; 3 items without a gold label,
+    2 gold ids not in the batch, 0 without an answer`."""
+    figures = "  ".join(f"{name} {value:.3f}" if value is not None else f"{name} -" for name, value in (
+        ("accuracy" + (" (exact set)" if result["multi_label"] else ""), result["accuracy"]),
+        ("macro-F1", result["macro_f1"]), ("ECE", result["ece"])))
+    return (f"{figures}: {result['matched']} items against {result['gold_file']}; {result['missing_gold']} items "
+            f"without a gold label, {result['unknown_ids']} gold ids not in the batch, {result['unanswered']} "
+            f"without an answer")
+
+
+def per_label_table(result: dict[str, Any]) -> Table:
+    table = Table("label", *(Column(name, justify="right") for name in ("precision", "recall", "F1", "support")),
+                  title="per label")
+    for row in result["per_label"]:
+        table.add_row(row["label"], *(f"{row[k]:.3f}" for k in ("precision", "recall", "f1")), str(row["support"]))
+    return table
+
+
+def confusion_table(result: dict[str, Any]) -> Table:
+    """Single-label: gold rows, predicted columns; multi-label: one row per label, its own yes/no counts."""
+    labels, matrix = result["labels"], result["confusion_matrix"]
+    if result["multi_label"]:
+        table = Table("label", *(Column(name, justify="right") for name in ("TP", "FP", "FN", "TN")),
+                      title="confusion per label")
+        for label, ((tn, fp), (fn, tp)) in zip(labels, matrix, strict=True):
+            table.add_row(label, str(tp), str(fp), str(fn), str(tn))
+        return table
+    table = Table("gold \\ predicted", *(Column(label, justify="right") for label in labels), title="confusion matrix")
+    for label, row in zip(labels, matrix, strict=True):
+        table.add_row(label, *map(str, row))
+    return table
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
@@ -364,8 +428,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
-            "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "models": cmd_models, "db": cmd_db,
-            "reconcile": cmd_reconcile, "keys": cmd_keys, "serve": cmd_serve,
+            "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "eval": cmd_eval,
+            "models": cmd_models, "db": cmd_db, "reconcile": cmd_reconcile, "keys": cmd_keys, "serve": cmd_serve,
             "beat": schedule_cli.cmd_beat,
             "schedule": lambda args, settings: schedule_cli.cmd_schedule(args, settings, _worker_until)}
 

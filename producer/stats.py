@@ -1,5 +1,6 @@
 """Timing statistics of a batch: queue wait, engine time, throughput, percentiles, and the series the
-charts draw (producer.charts): histograms, a timeline of finished chunks, errors by code."""
+charts draw (producer.charts): histograms, a timeline of finished chunks, errors by code; a classification
+batch's answers per label, its calibration warning and latest evaluation (producer.evaluation)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from producer import evaluation
 from schema.db import seconds_between
 from schema.errors import ErrorCode
 from schema.states import ItemStatus
@@ -104,7 +106,7 @@ def summarise(session: Session, batch_id: str) -> dict[str, Any]:
             EngineBatch.batch_id == batch_id).distinct()).all()
     run_s = seconds_between(first_start, last_finish)
     end = batch.completed_at or batch.cancelled_at or batch.failed_at or batch.expired_at
-    return {
+    figures = {
         "batch_id": batch_id,
         "status": batch.status,
         "items": batch.total,
@@ -129,3 +131,4 @@ def summarise(session: Session, batch_id: str) -> dict[str, Any]:
         "histograms": {"queue_wait_s": histogram(waits), "engine_call_s": histogram(engine_times)},
         "timeline": timeline(session, batch_id, first_start),
     }
+    return {**figures, **evaluation.summary(session, batch)} if batch.kind == "classify" else figures

@@ -307,3 +307,21 @@ class BeatLock(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class Evaluation(Base):
+    """A classification batch checked against gold labels (producer.evaluation): the counts of what matched
+    and the metrics; the latest of a batch is what `stats` and the dashboard show."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    gold_file: Mapped[str] = mapped_column(Text)  # the name it was given as
+    matched: Mapped[int] = mapped_column(Integer)  # items with an answer and a gold label: what the metrics cover
+    missing_gold: Mapped[int] = mapped_column(Integer)  # the batch's items without a gold line
+    unknown_ids: Mapped[int] = mapped_column(Integer)  # gold lines whose id is not in the batch
+    unanswered: Mapped[int] = mapped_column(Integer)  # gold lines whose item has no answer (failed, not run yet)
+    metrics: Mapped[dict[str, Any]] = mapped_column(Json)  # accuracy, macro_f1, ece, per_label, confusion_matrix
+
