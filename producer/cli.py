@@ -86,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gold", required=True, help='JSONL lines {"custom_id" or "id", "label"} '
                                                          '(multi-label: "labels": [...])')
     evaluate.add_argument("--json", action="store_true", help="every figure, with per-label and calibration bins")
+    sub.add_parser("probes", help="classifiers learned from labelled texts (--method probe): ids and metrics")
     models = sub.add_parser("models", help="model cache").add_subparsers(dest="action", required=True)
     prepare = models.add_parser("prepare", help="convert a model once into the local cache")
     prepare.add_argument("name", nargs="?")
@@ -333,6 +334,22 @@ def confusion_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def cmd_probes(args: argparse.Namespace, settings: Settings) -> int:
+    from schema.db import get_sessionmaker, prepare_schema
+    from schema.probes import listed
+
+    prepare_schema(settings.database_url)
+    print(f"{'id':<30} {'model':<28} {'layer':>5} {'examples':>8} {'cv accuracy':>11}  {'learned':<16}  labels")
+    with get_sessionmaker(settings.database_url)() as session:
+        for probe in listed(session):
+            metrics = probe.metrics or {}
+            accuracy = f"{metrics['cv_accuracy']:.3f}" if "cv_accuracy" in metrics else "-"
+            learned = f"{probe.trained_at:%Y-%m-%d %H:%M}" if probe.trained_at else "not yet"
+            print(f"{probe.id:<30} {probe.model:<28} {probe.layer or '-':>5} {len(probe.training):>8} "
+                  f"{accuracy:>11}  {learned:<16}  {','.join(probe.labels)}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from worker.models import prepare
 
@@ -428,7 +445,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
-            "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "eval": cmd_eval,
+            "results": cmd_results, "cancel": cmd_cancel, "stats": cmd_stats, "eval": cmd_eval, "probes": cmd_probes,
             "models": cmd_models, "db": cmd_db, "reconcile": cmd_reconcile, "keys": cmd_keys, "serve": cmd_serve,
             "beat": schedule_cli.cmd_beat,
             "schedule": lambda args, settings: schedule_cli.cmd_schedule(args, settings, _worker_until)}

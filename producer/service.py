@@ -100,6 +100,8 @@ class Service:
         limits = kinds.Limits(model, self.settings.max_line_bytes, self.settings.max_items_per_batch)
         name = name or (str(source) if isinstance(source, (str, Path)) else "<input>")
         batch_id = new_batch_id()
+        with get_sessionmaker(self.settings.database_url)() as session:
+            spec, stored = kind.prepare(session, spec, model, utcnow())
         new = NewBatch(kind.name, model, self.project or "default", spec.model_dump(), name, metadata or {},
                        window_s, request_key)
         try:
@@ -120,7 +122,7 @@ class Service:
             admit(len(items))
         key = cache_keyer(kind.name, kind.version, model, spec)
         keys = [key(item.request) for item in items] if cache else None
-        store_batch(self.settings, batch_id, new, items, keys)
+        store_batch(self.settings, batch_id, new, items, keys, stored)
         enqueue(self.settings, self.queue, batch_id, model, kind.name)
         return batch_id
 

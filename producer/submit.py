@@ -20,6 +20,7 @@ from schema import cache, store
 from schema.db import get_engine, get_sessionmaker, utcnow
 from schema.errors import BrokerError
 from schema.inputs import ParsedItem
+from schema.kinds.base import Stored
 from schema.queue import Queue, batched
 from schema.settings import Settings, redact
 from schema.states import BatchStatus, ItemStatus
@@ -59,10 +60,10 @@ def refresh_planner_stats(settings: Settings, n_items: int) -> None:
 
 
 def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[ParsedItem],
-                keys: list[str | None] | None = None) -> int:
-    """The batch row and every item row, in one transaction (PostgreSQL: COPY); `keys`: each item's
-    cache key (schema.cache), and items whose key has a cached answer are stored answered. Returns
-    how many were."""
+                keys: list[str | None] | None = None, stored: list[Stored] | None = None) -> int:
+    """The batch row and every item row, in one transaction (PostgreSQL: COPY), with the rows the kind
+    stores beside them (Kind.prepare); `keys`: each item's cache key (schema.cache), and items whose key
+    has a cached answer are stored answered. Returns how many were."""
     now = utcnow()
     keys = keys or [None] * len(items)
     batch = Batch(
@@ -75,6 +76,8 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
     )
     rows = (_item_row(batch_id, item, now, key) for item, key in zip(items, keys, strict=True))
     with get_sessionmaker(settings.database_url)() as session, session.begin():
+        for row in stored or []:
+            store.insert_ignore(session, row.table, [row.row], key=row.key)
         session.add(batch)
         session.flush()
         if session.get_bind().dialect.name == "postgresql":

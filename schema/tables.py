@@ -325,3 +325,25 @@ class Evaluation(Base):
     unanswered: Mapped[int] = mapped_column(Integer)  # gold lines whose item has no answer (failed, not run yet)
     metrics: Mapped[dict[str, Any]] = mapped_column(Json)  # accuracy, macro_f1, ece, per_label, confusion_matrix
 
+
+class Probe(Base):
+    """A classifier learned from labelled texts (`--method probe --train`): a logistic regression on the
+    model's hidden states at one layer. Its id is its content's hash (model, layer, labels, training set),
+    so the same training set submitted again is the same probe, trained once; a worker trains it on the
+    first chunk that needs it, and every batch that names the id reuses it."""
+
+    __tablename__ = "probes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    model: Mapped[str] = mapped_column(String(255))
+    layer: Mapped[int | None] = mapped_column(Integer)  # hidden state read (1: the first layer's output); None until
+    # trained when not asked: the worker takes the middle layer
+    labels: Mapped[list[str]] = mapped_column(Json)
+    multi_label: Mapped[bool] = mapped_column(Boolean)
+    training: Mapped[list[dict[str, Any]]] = mapped_column(Json)  # the examples {text, label | labels}
+    version: Mapped[int | None] = mapped_column(Integer)  # of the weights' format; None until trained
+    weights: Mapped[dict[str, Any] | None] = mapped_column(Json)  # scaler and coefficients (worker.kinds.probe)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)  # cross-validated accuracy, strength, counts
+    trained_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    trained_by: Mapped[str | None] = mapped_column(String(255))  # the worker

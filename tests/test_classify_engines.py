@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -28,7 +29,7 @@ from worker.engines.labels import LabelQuery, Tokenized, tokenize
 from worker.engines.transformers_engine import TransformersEngine
 from worker.engines.vllm_engine import VLLMEngine
 from worker.engines.vllm_head import VLLMHeadEngine
-from worker.kinds import calibration, classify_prompt, served_kinds
+from worker.kinds import calibration, classify_prompt, probe, served_kinds
 from worker.kinds.classify import ClassifyResult, _single_key, _windows, classify
 
 MODEL = "smollm2-135m-instruct"
@@ -256,6 +257,27 @@ def test_engines_agree_on_few_shot(transformers_engine: TransformersEngine, vllm
     [hf_multi], [vl_multi] = classify(transformers_engine, multi), classify(vllm_engine, multi)
     for label, p in answer_of(hf_multi).probabilities.items():
         assert p == pytest.approx(answer_of(vl_multi).probabilities[label], abs=TOLERANCE)
+
+
+def test_engines_agree_on_hidden_states_and_probes(transformers_engine: TransformersEngine,
+                                                   vllm_engine: VLLMEngine) -> None:
+    """A probe learned on one engine's hidden states answers alike on the other: vLLM reads them through
+    transformers from the same weights, cut one layer past the one read (the middle), or whole (the last)."""
+    texts = [text for text, _ in REVIEWS]
+    middle = transformers_engine.num_hidden_layers // 2
+    for layer in (middle, transformers_engine.num_hidden_layers):
+        hf, vl = transformers_engine.hidden_states(texts, layer), vllm_engine.hidden_states(texts, layer)
+        assert torch.allclose(torch.tensor([e.vector for e in hf]), torch.tensor([e.vector for e in vl]), atol=1e-3)
+    training = [{"text": text, "label": label} for text, label in REVIEWS]
+    vectors = np.array([e.vector for e in transformers_engine.hidden_states([t["text"] for t in training], middle)])
+    weights, _ = probe.fit(vectors, [[t["label"]] for t in training], ["positive", "negative"], False)
+    learned = probe.Trained("probe_test", middle, ["positive", "negative"], False, weights)
+    requests = reviews(method="probe", probe="probe_test")
+    hf_answers, vl_answers = (classify(engine, requests, {"probe_test": learned})
+                              for engine in (transformers_engine, vllm_engine))
+    assert_same(hf_answers, vl_answers)
+    assert all(answer_of(r).method == "probe" for r in hf_answers)
+    assert len({round(answer_of(r).probabilities["positive"], 3) for r in hf_answers}) > 1  # it reads the texts
 
 
 # --- the engine loop: classification on the driver thread, generation untouched ----------------

@@ -214,7 +214,7 @@ def test_examples_file_from_the_command_line_names_a_bad_line(tmp_path: Path) ->
 def test_lines_of_a_few_shot_batch_keep_its_labels(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"id": "a", "text": "x", "labels": ["cat", "dog"]}) + "\n")
-    with pytest.raises(InputError, match="in.jsonl:1: field 'labels': the batch's examples"):
+    with pytest.raises(InputError, match="in.jsonl:1: field 'labels': the batch's examples or probe"):
         parse_classify_input(path, classify_spec(["positive", "negative"], examples=EXAMPLES), **LIMITS)
 
 

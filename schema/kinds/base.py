@@ -36,6 +36,15 @@ def error_code(row: Row[Any]) -> str:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """A row a batch brings that is not an item (Kind.prepare): inserted unless its key exists."""
+
+    table: Any
+    row: dict[str, Any]
+    key: str = "id"
+
+
+@dataclass(frozen=True)
 class Limits:
     """What every input stream is parsed against, whatever its kind."""
 
@@ -82,6 +91,11 @@ class Kind(ABC):
     @abstractmethod
     def csv_row(self, row: Row[Any], line: BaseModel) -> dict[str, Any]:
         """One CSV row (keys from csv_columns) of a finished item."""
+
+    def prepare(self, session: Session, spec: Any, model: str, now: datetime) -> tuple[Any, list[Stored]]:
+        """The spec the batch's items carry, and rows to store with the batch (in its transaction) that the
+        spec refers to: classification turns a training set into a probe. InputError for what cannot be."""
+        return spec, []
 
     def answer_from_windows(self, session: Session, document: Item, now: datetime) -> str | None:
         """The answer of a long document whose windows (schema.windows) have all succeeded, when the kind

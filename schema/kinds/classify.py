@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
+from schema import probes
 from schema.errors import InputError
 from schema.jobs import Windows
-from schema.kinds.base import ERROR_CODES, Kind, Limits, error_code
+from schema.kinds.base import ERROR_CODES, Kind, Limits, Stored, error_code
 from schema.kinds.flags import FileFlags
 from schema.labels import check_labels, load_labels_file
 from schema.lines import CustomId
@@ -32,13 +33,15 @@ from schema.states import ItemStatus
 from schema.store import insert_ignore
 from schema.tables import Batch, Item
 from schema.tables import Classification as ClassificationRow
+from schema.tables import Probe as ProbeRow
 
 CLASSIFY_ENDPOINT = "/v1/classify"  # gristmill's own: OpenAI's batch API has no classification endpoint
 
 # score: every label scored as a continuation of the prompt; choice: guided generation among the
-# labels; head: the model is a sequence-classification model and scores its own labels.
-Method = Literal["score", "choice"]
-UsedMethod = Literal["score", "choice", "head"]
+# labels; probe: a classifier learned from labelled texts on the model's hidden states (schema.probes);
+# head: the model is a sequence-classification model and scores its own labels.
+Method = Literal["score", "choice", "probe"]
+UsedMethod = Literal["score", "choice", "probe", "head"]
 
 
 class Example(BaseModel):
@@ -59,17 +62,22 @@ class Example(BaseModel):
         return self.labels if self.labels is not None else [self.label or ""]
 
 
-def choose_examples(examples: list[Example], labels: list[str], shots: int, multi_label: bool) -> list[Example]:
-    """`shots` examples of each label, the same whatever order the file has (by a hash of the text), shown
-    label after label in turn (a, b, a, b: no label always last); a multi-label example counts for each of
-    its labels. Choosing again from the chosen gives them again. ValueError names an example whose label
-    is not one of `labels`, or (single-label) a label no example has."""
+def check_examples(examples: list[Example], labels: list[str], multi_label: bool) -> None:
+    """ValueError for an example with a label not in `labels`, or with `labels` in a single-label batch."""
     for example in examples:
         if example.labels is not None and not multi_label:
             raise ValueError(f"example {example.text[:40]!r} gives \"labels\": a single-label batch's examples give "
                              f"\"label\"")
         if unknown := [label for label in example.answers() if label not in labels]:
             raise ValueError(f"example {example.text[:40]!r} has label {unknown[0]!r}, not one of {labels}")
+
+
+def choose_examples(examples: list[Example], labels: list[str], shots: int, multi_label: bool) -> list[Example]:
+    """`shots` examples of each label, the same whatever order the file has (by a hash of the text), shown
+    label after label in turn (a, b, a, b: no label always last); a multi-label example counts for each of
+    its labels. Choosing again from the chosen gives them again. ValueError names an example whose label
+    is not one of `labels`, or (single-label) a label no example has."""
+    check_examples(examples, labels, multi_label)
     ranked = sorted(examples, key=lambda e: hashlib.sha256(e.text.encode()).hexdigest())
     per_label = {label: [e for e in ranked if label in e.answers()][:shots] for label in labels}
     if not multi_label and (missing := [label for label, chosen in per_label.items() if not chosen]):
@@ -90,8 +98,8 @@ class ClassifySpec(BaseModel):
     labels: list[str] | None = Field(default=None, description="comma-separated labels, e.g. positive,negative")
     instruction: str | None = Field(default=None, description="the question asked about each text; {labels} "
                                                               "lists them")
-    method: Method = Field(default="score", description="score every label (default), or guided generation "
-                                                        "of one")
+    method: Method = Field(default="score", description="score every label (default), guided generation of one, "
+                                                        "or a probe learned from labelled texts (--train, --probe)")
     calibrate: bool = Field(default=True, description="raw label probabilities, without contextual calibration")
     multi_label: bool = Field(default=False, description="each label yes or no on its own")
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
@@ -103,6 +111,16 @@ class ClassifySpec(BaseModel):
         description="a JSONL file of labelled texts {text, label}: --shots of each label go before every text")
     shots: Annotated[int, Field(ge=1, le=64)] = Field(default=8, exclude_if=lambda v: v == 8,
                                                       description="with --examples: examples per label (8)")
+    # A probe: learned from `train` (at submission it becomes a probe row, and the items carry its id) or
+    # one learned before, by id.
+    train: list[Example] | None = Field(
+        default=None, exclude_if=lambda v: v is None, json_schema_extra={"cli": "jsonl"},
+        description="with --method probe: a JSONL file of labelled texts {text, label} to learn it from")
+    probe: str | None = Field(default=None, exclude_if=lambda v: v is None,
+                              description="with --method probe: the id of a probe learned before (gristmill probes)")
+    layer: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="with --method probe --train: the hidden layer it reads (default: the middle one)")
     # A text too long for the context: windows classified alone, their probabilities combined (combine).
     # Left out of the JSON when failing, so other batches' requests, and their cache keys, stay as they were.
     long: Windows = Field(default_factory=Windows, exclude_if=lambda v: v.long_documents == "fail")
@@ -116,6 +134,24 @@ class ClassifySpec(BaseModel):
     def _method_fits(self) -> ClassifySpec:
         if self.multi_label and self.method == "choice":
             raise ValueError("multi-label scores each label on its own: use method 'score', not 'choice'")
+        return self
+
+    @model_validator(mode="after")
+    def _probe_fits(self) -> ClassifySpec:
+        if self.method != "probe":
+            if (given := next((f for f in ("train", "probe", "layer") if getattr(self, f) is not None), None)):
+                raise ValueError(f"{given} is for --method probe")
+            return self
+        if (self.train is None) == (self.probe is None):
+            raise ValueError("a probe is learned from --train labelled.jsonl or reused by --probe ID: give one")
+        if self.probe is not None and self.layer is not None:
+            raise ValueError("a probe reads the layer it was learned on: --layer goes with --train")
+        if self.examples is not None:
+            raise ValueError("--examples are for prompts; a probe learns from --train")
+        if self.train is not None:
+            if self.labels is None:  # the labels the training set has, in order
+                self.labels = check_labels(list(dict.fromkeys(a for example in self.train for a in example.answers())))
+            check_examples(self.train, self.labels, self.multi_label)
         return self
 
     @model_validator(mode="after")
@@ -214,9 +250,9 @@ def _item(obj: dict[str, Any], lineno: int, name: str, spec: ClassifySpec,
     if custom_id is None:
         raise InputError(name, lineno, "custom_id", "required field is missing (give 'custom_id' or 'id')")
     labels = line.labels or spec.labels
-    if spec.examples is not None and labels != spec.labels:
-        raise InputError(name, lineno, "labels", "the batch's examples are of its own labels; a line with "
-                                                 "--examples cannot bring other labels")
+    if (spec.examples is not None or spec.method == "probe") and labels != spec.labels:
+        raise InputError(name, lineno, "labels", "the batch's examples or probe are of its own labels; a line "
+                                                 "cannot bring other labels")
     if head_labels is not None and labels is not None and sorted(labels) != sorted(head_labels):
         raise InputError(name, lineno, "labels", f"the model is a classifier with labels {head_labels}; "
                                                  f"labels {labels} differ")
@@ -283,6 +319,16 @@ class Classify(Kind):
             .execution_options(yield_per=2000)
         )
         yield from session.execute(stmt)  # type: ignore[misc]  # a typed Row is a Row
+
+    def prepare(self, session: Session, spec: ClassifySpec, model: str, now: datetime) -> tuple[ClassifySpec, list[Stored]]:
+        """A probe batch: its training set becomes a probe row (the items carry its id), or the probe it
+        names is checked and lends its labels (schema.probes)."""
+        if spec.method != "probe":
+            return spec, []
+        if spec.train is None:
+            return probes.reused(session, spec, model), []
+        row = probes.new_probe(spec, model, now)
+        return spec.model_copy(update={"train": None, "probe": row["id"]}), [Stored(ProbeRow, row)]
 
     def answer_from_windows(self, session: Session, document: Item, now: datetime) -> str:
         """A long text's classification: its windows' combined, stored as any item's."""

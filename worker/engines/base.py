@@ -21,6 +21,7 @@ GENERATE = "generate"  # Generator: text from prompts, stepped so one thread kee
 SCORE_LABELS = "score_labels"  # LabelScorer: label log-probabilities and guided choice after a prompt
 CLASSIFY_HEAD = "classify_head"  # HeadClassifier: a sequence-classification model's own labels
 EMBED = "embed"  # Embedder: one normalised vector per text
+HIDDEN_STATES = "hidden_states"  # HiddenStates: one layer's output per text, for probes
 
 
 class Engine(Protocol):
@@ -107,4 +108,13 @@ class Embedder(Engine, Protocol):
 
     def embed(self, texts: list[str]) -> list[Embedded]:
         """The pooled, normalised last hidden state of each text; a text too long for the context fails alone."""
+        ...
+
+
+class HiddenStates(Engine, Protocol):
+    num_hidden_layers: int
+
+    def hidden_states(self, texts: list[str], layer: int) -> list[Embedded]:
+        """The output of layer `layer` (1 to num_hidden_layers) averaged over each text's tokens and
+        L2-normalised; the same vectors from every engine of the model."""
         ...

@@ -11,15 +11,16 @@ from transformers import PreTrainedTokenizerBase
 from worker.engines.pooling import Pooling
 
 
-def pooled(model: Any, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]], pooling: Pooling) -> list[list[float]]:
-    """One normalised vector per row of token ids."""
+def pooled(model: Any, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]], pooling: Pooling,
+           layer: int = -1) -> list[list[float]]:
+    """One normalised vector per row of token ids, from the output of `layer` (-1: the last)."""
     inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)  # left padding
     mask = inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # each row counts from its own first token
     with torch.inference_mode():
         out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
                     output_hidden_states=True)
-    states = out.hidden_states[-1].float()
+    states = out.hidden_states[layer].float()
     if pooling == "LAST":
         vectors = states[:, -1]
     elif pooling == "CLS":

@@ -25,7 +25,7 @@ from worker.engines import (
     hf_labels,
     hf_structured,
 )
-from worker.engines.base import EMBED, GENERATE, SCORE_LABELS, Embedded
+from worker.engines.base import EMBED, GENERATE, HIDDEN_STATES, SCORE_LABELS, Embedded
 from worker.engines.labels import (
     Choice,
     LabelLogprobs,
@@ -35,7 +35,7 @@ from worker.engines.labels import (
     query_windows,
     split_runnable,
 )
-from worker.engines.pooling import is_matryoshka, pooling_of
+from worker.engines.pooling import Pooling, is_matryoshka, pooling_of
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -60,7 +60,7 @@ class TransformersEngine:
     """Runs requests with `model.generate`, batching those that share sampling parameters."""
 
     name = "transformers"
-    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS, EMBED})
+    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS, EMBED, HIDDEN_STATES})
 
     def __init__(
         self,
@@ -70,20 +70,23 @@ class TransformersEngine:
         max_model_len: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         dtype: torch.dtype | None = None,
+        layers: int | None = None,
     ) -> None:
+        """`layers`: load only the first this many layers (worker.engines.vllm_engine reads hidden states so)."""
         settings = settings or get_settings()
         self.model_name = model
         self.batch_size = batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._model: PreTrainedModel | None
         source = resolve_model(model)
-        self._tokenizer, self._model = _load(source, dtype or compute_dtype(), self.device)
+        self._tokenizer, self._model = _load(source, dtype or compute_dtype(), self.device, layers)
         self.pooling, self.matryoshka = pooling_of(source.folder), is_matryoshka(source.folder)
         own = getattr(self._model.config, "max_position_embeddings", None)
         self.max_model_len = context_length(max_model_len or settings.max_model_len, own, self.name)
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
         self._enforcer_data: Any = None  # lm-format-enforcer's view of the vocabulary, on first use
         self.max_num_seqs = batch_size
+        self.num_hidden_layers = int(self._model.config.num_hidden_layers)
         self._keys = itertools.count()
         self._pending: dict[str, tuple[SamplingParams, Admitted]] = {}  # key -> (sampling, prompt ids)
 
@@ -139,6 +142,14 @@ class TransformersEngine:
 
     def embed(self, texts: list[str]) -> list[Embedded]:
         """The model's last hidden state pooled (worker.engines.pooling) and L2-normalised, per text."""
+        return self._pooled(texts, self.pooling, -1)
+
+    def hidden_states(self, texts: list[str], layer: int) -> list[Embedded]:
+        """The output of layer `layer` (1 to num_hidden_layers), averaged over each text's tokens and
+        L2-normalised: what a probe (worker.kinds.probe) reads."""
+        return self._pooled(texts, "MEAN", layer)
+
+    def _pooled(self, texts: list[str], pooling: Pooling, layer: int) -> list[Embedded]:
         results = [Embedded() for _ in texts]
         runnable: list[tuple[int, list[int]]] = []
         for index, text in enumerate(texts):
@@ -152,7 +163,8 @@ class TransformersEngine:
         ordered = sorted(runnable, key=lambda item: len(item[1]))  # similar lengths pad least
         for start in range(0, len(ordered), self.batch_size):
             batch = ordered[start : start + self.batch_size]
-            vectors = hf_embed.pooled(self._require_model(), self._tokenizer, [ids for _, ids in batch], self.pooling)
+            vectors = hf_embed.pooled(self._require_model(), self._tokenizer, [ids for _, ids in batch], pooling,
+                                      layer)
             for (index, ids), vector in zip(batch, vectors, strict=True):
                 results[index] = Embedded(vector, len(ids))
         return results
@@ -290,14 +302,15 @@ class TransformersEngine:
 
 
 def _load(
-    source: ModelSource, dtype: torch.dtype, device: torch.device
+    source: ModelSource, dtype: torch.dtype, device: torch.device, layers: int | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
         # Eager attention: on the CPU, SDPA in bf16 garbles left-padded rows of a batch (measured here:
         # the shortest of 16 prompts answered nonsense); eager is as fast and exact.
         model = AutoModelForCausalLM.from_pretrained(
-            source.folder, gguf_file=source.gguf_file, dtype=dtype, attn_implementation="eager"
+            source.folder, gguf_file=source.gguf_file, dtype=dtype, attn_implementation="eager",
+            **({"num_hidden_layers": layers} if layers else {}),
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{source.name}': {exc}") from exc

@@ -30,7 +30,7 @@ from worker.engines import (
     run_to_completion,
     vllm_labels,
 )
-from worker.engines.base import GENERATE, SCORE_LABELS
+from worker.engines.base import GENERATE, HIDDEN_STATES, SCORE_LABELS, Embedded
 from worker.engines.labels import (
     Choice,
     LabelLogprobs,
@@ -101,7 +101,7 @@ class VLLMEngine:
     """vLLM's engine driven through add/step, with per-request sampling parameters."""
 
     name = "vllm"
-    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS})
+    capabilities: ClassVar[frozenset[str]] = frozenset({GENERATE, SCORE_LABELS, HIDDEN_STATES})
     runner_options: ClassVar[dict[str, Any]] = {}  # vllm.LLM options of a variant (worker.engines.vllm_head)
 
     def __init__(
@@ -125,6 +125,9 @@ class VLLMEngine:
         self.max_num_seqs = int(self.options["max_num_seqs"])
         own = getattr(self._llm.llm_engine.model_config.hf_text_config, "max_position_embeddings", None)
         self.max_model_len = context_length(asked, own, self.name, chosen=int(self.options["max_model_len"]))
+        self.num_hidden_layers = int(getattr(self._llm.llm_engine.model_config.hf_text_config, "num_hidden_layers", 0))
+        self._settings = settings
+        self._hidden: dict[int, Any] = {}  # layers loaded -> TransformersEngine (hidden_states)
         if self._llm.llm_engine.model_config.runner_type == "generate":
             try:
                 warm_up(self._llm, self._tokenizer)
@@ -225,6 +228,18 @@ class VLLMEngine:
             slots[index] = LabelLogprobs(per_label, len(tokens.prompt))
         return [slot if slot is not None else LabelLogprobs(error="not run") for slot in slots]
 
+    def hidden_states(self, texts: list[str], layer: int) -> list[Embedded]:
+        """vLLM's generation runner gives no hidden states: they are read through transformers from the
+        same weights, loaded on first use up to one layer past `layer` (only the last layer's output
+        passes the model's final norm: a model cut at `layer` would not give the full model's)."""
+        from worker.engines.transformers_engine import TransformersEngine
+
+        layers = min(layer + 1, self.num_hidden_layers)
+        if layers not in self._hidden:
+            self._hidden[layers] = TransformersEngine(self.model_name, settings=self._settings,
+                                                      max_model_len=self.max_model_len, layers=layers)
+        return cast("list[Embedded]", self._hidden[layers].hidden_states(texts, layer))
+
     def label_windows(self, query: Callable[[str], LabelQuery], text: str, windows: Windows) -> list[str] | None:
         """The windows of a text too long for the context (worker.engines.labels.query_windows)."""
         return query_windows(self._tokenizer, query, text, windows, self.max_model_len)
@@ -296,6 +311,8 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the EngineCore child process; `LLM` itself has no shutdown method in vLLM 0.32."""
+        for reader in self._hidden.values():
+            reader.close()
         processes = self._processes()
         llm, self._llm = self._llm, None
         if llm is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from schema import store
@@ -19,9 +20,17 @@ from schema.errors import ErrorCode
 from schema.jobs import Windows
 from schema.kinds.classify import Classification, ClassifyRequest
 from schema.tables import Classification as ClassificationRow
-from worker.engines.base import CLASSIFY_HEAD, SCORE_LABELS, Engine, HeadClassifier, LabelScorer
+from worker.engines.base import (
+    CLASSIFY_HEAD,
+    HIDDEN_STATES,
+    SCORE_LABELS,
+    Engine,
+    HeadClassifier,
+    HiddenStates,
+    LabelScorer,
+)
 from worker.engines.labels import LabelLogprobs, LabelQuery
-from worker.kinds import calibration, classify_prompt
+from worker.kinds import calibration, classify_prompt, probe
 from worker.kinds.base import Ran, Runner, bounded
 from worker.runtime import Runtime
 
@@ -37,13 +46,17 @@ class ClassifyResult:
     error_code: ErrorCode = ErrorCode.engine_error  # why, when `error` is set
 
 
-def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
-    """One result per request, in order; a request that cannot run fails alone."""
+def classify(engine: Engine, requests: list[ClassifyRequest],
+             probes: Mapping[str, probe.Trained] | None = None) -> list[ClassifyResult]:
+    """One result per request, in order; a request that cannot run fails alone. `probes`: those the
+    requests of method probe name, learned (worker.kinds.probe.trained)."""
     results: list[ClassifyResult | None] = [None] * len(requests)
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(_route(engine, request), []).append(index)
-    runners: dict[str, Callable[[Any, list[ClassifyRequest]], list[ClassifyResult]]] = {"head": _heads, "choice": _choices, "multi": _multi_label, "score": _scores, "unlabeled": _unlabeled}
+    runners: dict[str, Callable[[Any, list[ClassifyRequest]], list[ClassifyResult]]] = {
+        "head": _heads, "choice": _choices, "multi": _multi_label, "score": _scores, "unlabeled": _unlabeled,
+        "probe": lambda e, r: _probes(e, r, probes or {}), "no_hidden_states": _no_hidden_states}
     for route, indices in groups.items():
         for index, result in zip(indices, runners[route](engine, [requests[i] for i in indices]), strict=True):
             results[index] = result
@@ -51,6 +64,8 @@ def classify(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyRe
 
 
 def _route(engine: Engine, request: ClassifyRequest) -> str:
+    if request.method == "probe":
+        return "probe" if HIDDEN_STATES in engine.capabilities else "no_hidden_states"
     if CLASSIFY_HEAD in engine.capabilities:
         return "head"
     if request.labels is None:  # submission lets this through only for classification-head models
@@ -209,6 +224,38 @@ def _heads(engine: HeadClassifier, requests: list[ClassifyRequest]) -> list[Clas
     return results
 
 
+# --- probes: a classifier on hidden states -----------------------------------------------------
+
+
+def _probes(engine: HiddenStates, requests: list[ClassifyRequest],
+            probes: Mapping[str, probe.Trained]) -> list[ClassifyResult]:
+    """Each probe's texts in one engine call (one forward pass each), then the probe's regression."""
+    results: list[ClassifyResult] = [ClassifyResult() for _ in requests]
+    by_probe: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        by_probe.setdefault(request.probe or "", []).append(index)
+    for probe_id, indices in by_probe.items():
+        learned = probes[probe_id]
+        embedded = engine.hidden_states([requests[i].text for i in indices], learned.layer)
+        read = [(i, e) for i, e in zip(indices, embedded, strict=True) if e.error is None]
+        found = probe.apply(learned, np.array([e.vector for _, e in read])) if read else []
+        for (index, e), p in zip(read, found, strict=True):
+            answer = _answer(learned.labels, p, None, "probe", False)
+            if learned.multi_label:
+                answer.labels = [label for label, q in zip(learned.labels, p, strict=True)
+                                 if q >= requests[index].threshold]
+            results[index] = ClassifyResult(answer, e.prompt_tokens)
+        for index, e in zip(indices, embedded, strict=True):
+            if e.error is not None:
+                results[index] = ClassifyResult(prompt_tokens=e.prompt_tokens, error=e.error, error_code=e.error_code)
+    return results
+
+
+def _no_hidden_states(engine: Engine, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
+    return [ClassifyResult(error=f"the {engine.name} engine of {engine.model_name} gives no hidden states to a probe",
+                           error_code=ErrorCode.unsupported) for _ in requests]
+
+
 # --- the kind's runner --------------------------------------------------------------------------
 
 
@@ -228,11 +275,13 @@ class Classify(Runner):
         too long for the context in a map-reduce batch splits into windows instead (schema.windows)."""
         requests = [ClassifyRequest.model_validate(c.request) for c in claimed]
         engine = runtime.engine
+        learned = {r.probe: probe.trained(runtime, r.probe) for r in requests
+                   if r.probe and _route(engine, r) == "probe"}  # learned first, by the first chunk that needs it
 
         def work() -> tuple[dict[int, list[str]], dict[int, ClassifyResult]]:
             splits = {i: texts for i, request in enumerate(requests) if (texts := _windows(engine, request))}
             rest = [i for i in range(len(requests)) if i not in splits]
-            return splits, dict(zip(rest, classify(engine, [requests[i] for i in rest]), strict=True))
+            return splits, dict(zip(rest, classify(engine, [requests[i] for i in rest], learned), strict=True))
 
         started = utcnow()
         splits, results = bounded(runtime, runtime.loop.call(work))
@@ -261,8 +310,8 @@ def _windows(engine: Engine, request: ClassifyRequest) -> list[str] | None:
     """The windows of a text too long for the context, when its batch asks for map-reduce: each fits the
     engine's context within the prompt the text is classified in (a classification head reads it alone)."""
     route = _route(engine, request)
-    if request.long.long_documents == "fail" or route == "unlabeled":
-        return None
+    if request.long.long_documents == "fail" or route in ("unlabeled", "probe", "no_hidden_states"):
+        return None  # a probe's text longer than the context fails (its reading has no windows yet)
     if route == "head":
         return cast(HeadClassifier, engine).head_windows(request.text, request.long)
     labels = _labels(request)
