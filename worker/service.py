@@ -70,10 +70,21 @@ def _shut_down() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+FIRST_PASS_AFTER_S = 5
+
+
 def _reconcile_every(settings: Settings, queue: Queue, worker_id: str) -> None:
     """At start and then periodically: say this worker is alive and how busy, requeue what no one holds,
     expire overdue batches."""
     last: tuple[float, float] | None = None  # (busy seconds, monotonic time) at the previous heartbeat
+    try:
+        workers.heartbeat(settings, worker_id, 0, None)  # seen at once, by submissions and the dashboard
+    except Exception:
+        log.exception("the first heartbeat failed")
+    # The consumer starts with this thread: give it a moment to claim the messages it takes. A message
+    # taken but not yet claimed is in no queue (the embedded broker shows none once taken), and a first
+    # pass right now would resend its items (seen after an engine start longer than the requeue grace).
+    time.sleep(min(settings.reconcile_interval_s, FIRST_PASS_AFTER_S))
     while True:
         try:
             chunks, busy = metrics.activity()
