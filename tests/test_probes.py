@@ -15,12 +15,20 @@ from schema.db import get_sessionmaker
 from schema.tables import Item, Probe
 from tests.conftest import gristmill
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_sentiment.tsv"
+THINGS = ["battery", "screen", "case", "charger", "headset", "speaker", "cable", "keyboard", "camera", "remote"]
+PRAISE = ["works perfectly", "is excellent", "is great value for the money", "exceeded my expectations",
+          "is wonderful", "is sturdy and reliable", "does exactly what I wanted", "is the best I have owned"]
+COMPLAINTS = ["broke after a week", "is terrible", "stopped working after two days", "is a waste of money",
+              "is flimsy and cheap", "arrived damaged", "never charged properly", "is the worst I have owned"]
 
 
 def labelled(rows: slice) -> list[dict[str, str]]:
-    lines = [line.split("\t") for line in DATA.read_text().splitlines() if line.strip()][rows]
-    return [{"text": text, "label": "positive" if gold.strip() == "1" else "negative"} for text, gold in lines]
+    """Short product reviews made here, praise and complaints in turn, each sentence once: different
+    slices share no text (the data a test needs lives in the test)."""
+    reviews = [(f"The {thing} {verdict}.", label) for thing in THINGS
+               for pair in zip(PRAISE, COMPLAINTS, strict=True)
+               for verdict, label in zip(pair, ("positive", "negative"), strict=True)]
+    return [{"text": text, "label": label} for text, label in reviews[rows]]
 
 
 def write_jsonl(path: Path, lines: list[dict[str, Any]]) -> None:
@@ -29,7 +37,7 @@ def write_jsonl(path: Path, lines: list[dict[str, Any]]) -> None:
 
 def test_a_probe_is_learned_once_then_reused_by_id(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings = settings_for(sqlite_url)
-    train, held_out = labelled(slice(0, 120)), labelled(slice(600, 640))  # the held-out texts are not trained on
+    train, held_out = labelled(slice(0, 120)), labelled(slice(120, 160))  # the held-out texts are not trained on
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": line["text"]} for i, line in enumerate(held_out)])
     gristmill("run", "in.jsonl", "-o", "out.jsonl", "--engine", "transformers", "--task", "classify",
@@ -37,12 +45,12 @@ def test_a_probe_is_learned_once_then_reused_by_id(sqlite_url: str, settings_for
     answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert all(a["method"] == "probe" and sum(a["probabilities"].values()) == pytest.approx(1.0) for a in answers)
     accuracy = sum(a["label"] == gold["label"] for a, gold in zip(answers, held_out, strict=True)) / len(held_out)
-    assert accuracy >= 0.75, accuracy  # measured 0.93 on 100 held-out sentences with 200 to learn from
+    assert accuracy >= 0.75, accuracy  # on amazon_sentiment.tsv: 0.888 from 200 (bench/classify.py)
 
     with get_sessionmaker(sqlite_url)() as session:
         probe = session.scalars(select(Probe)).one()
         requests = list(session.scalars(select(Item.request)))
-    assert (probe.version, probe.layer, probe.labels) == (1, 15, ["negative", "positive"])  # 30 layers: the middle
+    assert (probe.version, probe.layer, probe.labels) == (1, 15, ["positive", "negative"])  # 30 layers: the middle
     metrics = probe.metrics or {}
     assert 0.6 < metrics["cv_accuracy"] <= 1.0 and metrics["examples"] == 120 and probe.trained_by
     assert metrics["per_label"] == {label: sum(t["label"] == label for t in train) for label in probe.labels}
