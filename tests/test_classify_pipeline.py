@@ -1,4 +1,4 @@
-"""Classification batches end to end: the CLI as a new user runs it (both engines), storage on SQLite
+"""Classification batches end to end: the CLI as a new user runs it, storage on SQLite
 and PostgreSQL, exports, and bad input refused before anything is stored."""
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def batch_count(url: str) -> int:
 # --- the CLI, both engines --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["vllm", "transformers"])
-def test_run_classify_from_the_cli(engine: str, sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    settings = settings_for(sqlite_url)
+def test_run_classify_from_the_cli(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The CLI's path on one engine (transformers, the quicker to start); both engines' classification, and
+    their agreement, are tests/test_classify_engines.py's."""
+    settings, engine = settings_for(sqlite_url), "transformers"
     reviews, out, table = write_jsonl(tmp_path / "reviews.jsonl", LINES), tmp_path / "labels.jsonl", tmp_path / "labels.csv"
     proc = gristmill("run", str(reviews), "--task", "classify", "--labels", "positive,negative",
                      "--instruction", SENTIMENT, "-o", str(out), "--engine", engine, settings=settings, cwd=tmp_path)

@@ -98,6 +98,17 @@ def test_spec_rejects_multi_label_guided_choice_and_bad_thresholds() -> None:
     with pytest.raises(InputError, match="threshold"):
         classify_spec(["a", "b"], multi_label=True, threshold=1.5)
     assert ClassifySpec(labels=["a", "b"], instruction="  ").instruction is None
+    with pytest.raises(InputError, match="layout"):
+        classify_spec(["a", "b"], layout="text-last")
+
+
+def test_prompt_format_options_are_stored_only_when_asked() -> None:
+    """`layout` and `template` left at their defaults stay out of the stored request (earlier batches'
+    requests, and their cache keys, read the same); asked for, they are kept."""
+    assert not {"layout", "template"} & set(classify_spec(["a", "b"]).model_dump())
+    asked = classify_spec(["a", "b"], layout="text-first", template="plain")
+    again = ClassifyRequest.model_validate({**asked.model_dump(), "text": "x"})
+    assert (again.layout, again.template) == ("text-first", "plain")
 
 
 # --- input lines ---------------------------------------------------------------------------------

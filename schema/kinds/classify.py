@@ -42,6 +42,8 @@ CLASSIFY_ENDPOINT = "/v1/classify"  # gristmill's own: OpenAI's batch API has no
 # head: the model is a sequence-classification model and scores its own labels.
 Method = Literal["score", "choice", "probe"]
 UsedMethod = Literal["score", "choice", "probe", "head"]
+Layout = Literal["text-first", "question-first"]
+Template = Literal["chat", "plain"]
 
 
 class Example(BaseModel):
@@ -96,8 +98,16 @@ class ClassifySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # None only for a classification-head model, whose labels it knows
     labels: list[str] | None = Field(default=None, description="comma-separated labels, e.g. positive,negative")
-    instruction: str | None = Field(default=None, description="the question asked about each text; {labels} "
-                                                              "lists them")
+    instruction: str | None = Field(default=None, description="the question asked about each text ({labels} "
+                                                              "lists them); default: several generic ones, "
+                                                              "averaged")
+    # How a prompt reads (chosen on two tasks' tuning halves by bench/zero_shot.py; worker/kinds/classify_prompt.py)
+    layout: Layout = Field(default="question-first", exclude_if=lambda v: v == "question-first",
+                           description="the question before the text (default), or after it: the prompts of "
+                                       "one text then share it as a prefix, which vLLM computes once")
+    template: Template = Field(default="chat", exclude_if=lambda v: v == "chat",
+                               description="the model's chat template (default), or plain text, for a model "
+                                           "without one")
     method: Method = Field(default="score", description="score every label (default), guided generation of one, "
                                                         "or a probe learned from labelled texts (--train, --probe)")
     calibrate: bool = Field(default=True, description="raw label probabilities, without contextual calibration")

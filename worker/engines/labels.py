@@ -1,9 +1,10 @@
 """What label scoring asks of an engine, and the token rules both engines share.
 
-A label is scored as the continuation of a chat prompt: log P(label tokens | prompt), the sum over its
-tokens, so "billing question" is scored on all three of its tokens, not on its first. When one label's
-tokens start another's ("billing" / "billing question") the shorter one is scored with the end-of-turn
-token after it: "billing" then means the answer stops there, and the two labels are different events.
+A label is scored as the continuation of a prompt (a chat, or plain text for models without a chat
+template): log P(label tokens | prompt), the sum over its tokens, so "billing question" is scored on all
+three of its tokens, not on its first. When one label's tokens start another's ("billing" / "billing
+question") the shorter one is scored with the end-of-turn token after it: "billing" then means the
+answer stops there, and the two labels are different events.
 """
 
 from __future__ import annotations
@@ -22,10 +23,23 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LabelQuery:
-    """Score every label as a continuation of the chat prompt `messages` (assistant turn opened)."""
+    """Score every label as a continuation of the chat prompt `messages` (assistant turn opened), or of
+    the plain-text `prompt` when one is given, there after `answer_prefix` (a space: " positive" is how
+    a label follows "Answer:" in running text)."""
 
     messages: list[ChatMessage]
     labels: list[str]
+    prompt: str | None = None
+    answer_prefix: str = ""
+
+    def request(self) -> GenerationRequest:
+        """The prompt as a generation request, which both engines turn into the same token ids."""
+        return GenerationRequest(prompt=self.prompt) if self.prompt is not None else \
+            GenerationRequest(messages=self.messages)
+
+    def continuations(self) -> list[str]:
+        """The labels as the text that follows the prompt."""
+        return [self.answer_prefix + label for label in self.labels]
 
 
 @dataclass
@@ -89,10 +103,10 @@ class Refused:
 def tokenize(tokenizer: PreTrainedTokenizerBase, query: LabelQuery, max_model_len: int) -> Tokenized | Refused:
     """The query's token ids, or why it cannot run (too long for the context, no chat template)."""
     try:
-        prompt = prompt_token_ids(tokenizer, GenerationRequest(messages=query.messages))
+        prompt = prompt_token_ids(tokenizer, query.request())
     except ModelError as exc:
         return Refused(ErrorCode.invalid_request, str(exc))
-    continuations = continuation_ids(tokenizer, query.labels, end_token_id(tokenizer))
+    continuations = continuation_ids(tokenizer, query.continuations(), end_token_id(tokenizer))
     longest = max(len(c) for c in continuations)
     if len(prompt) + longest > max_model_len:
         return Refused(ErrorCode.context_length_exceeded, f"prompt is {len(prompt)} tokens and the longest label "
@@ -104,9 +118,8 @@ def query_windows(tokenizer: PreTrainedTokenizerBase, query: Callable[[str], Lab
                   windows: Windows, max_model_len: int) -> list[str] | None:
     """The windows of a text too long for the context: `query(window)` fits with room for the longest
     label (worker.engines.text_windows); None when the text fits whole."""
-    labels = query("").labels
-    longest = max(len(c) for c in continuation_ids(tokenizer, labels, end_token_id(tokenizer)))
-    return text_windows(tokenizer, lambda window: GenerationRequest(messages=query(window).messages), text, longest,
+    longest = max(len(c) for c in continuation_ids(tokenizer, query("").continuations(), end_token_id(tokenizer)))
+    return text_windows(tokenizer, lambda window: query(window).request(), text, longest,
                         windows, max_model_len)
 
 

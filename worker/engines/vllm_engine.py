@@ -254,7 +254,7 @@ class VLLMEngine:
                 results[index].error, results[index].error_code = tokens.message, tokens.code
             else:
                 asks.append((index, tokens.prompt))
-        outputs = self._run([(prompt, vllm_labels.choice_params(queries[i].labels)) for i, prompt in asks])
+        outputs = self._run([(prompt, vllm_labels.choice_params(queries[i].continuations())) for i, prompt in asks])
         for (index, prompt), output in zip(asks, outputs, strict=True):
             text = output.outputs[0].text.strip()
             results[index] = Choice(label=text if text in queries[index].labels else None,

@@ -89,27 +89,33 @@ def _unlabeled(engine: Engine, requests: list[ClassifyRequest]) -> list[Classify
 
 
 def _scores(engine: LabelScorer, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
-    queries = [classify_prompt.single_label(r, _labels(r)) for r in requests]
-    priors = {_single_key(engine, r): (r, None) for r in requests if r.calibrate}
-    scored = _score_with_priors(engine, queries, priors)
+    """Every label scored under each of the request's wordings; the wordings' probabilities (each
+    calibrated on its own prior) averaged."""
+    asked = [(r, wording) for r in requests for wording in classify_prompt.wordings(r)]
+    queries = [classify_prompt.single_label(r, _labels(r), wording) for r, wording in asked]
+    priors = {_single_key(engine, r, wording): (r, wording, None) for r, wording in asked if r.calibrate}
+    scored = iter(_score_with_priors(engine, queries, priors))
     results = []
-    for request, query, score in zip(requests, queries, scored, strict=True):
-        if score.error is not None:
-            results.append(ClassifyResult(prompt_tokens=score.prompt_tokens, error=score.error,
-                                          error_code=score.error_code))
+    for request in requests:
+        parts = {wording: next(scored) for wording in classify_prompt.wordings(request)}
+        tokens = sum(part.prompt_tokens for part in parts.values())
+        if failed := next((part for part in parts.values() if part.error is not None), None):
+            results.append(ClassifyResult(prompt_tokens=tokens, error=failed.error, error_code=failed.error_code))
             continue
-        raw = calibration.normalise(score.totals)
-        final = _calibrated(raw, _single_key(engine, request)) if request.calibrate else raw
-        results.append(ClassifyResult(_answer(query.labels, final, raw, "score", request.calibrate),
-                                      score.prompt_tokens))
+        raws = {wording: calibration.normalise(part.totals) for wording, part in parts.items()}
+        finals = [_calibrated(raw, _single_key(engine, request, wording)) for wording, raw in raws.items()] \
+            if request.calibrate else list(raws.values())
+        results.append(ClassifyResult(_answer(_labels(request), calibration.average(finals),
+                                              calibration.average(list(raws.values())), "score", request.calibrate),
+                                      tokens))
     return results
 
 
 def _score_with_priors(engine: LabelScorer, queries: list[LabelQuery],
-                       priors: Mapping[Hashable, tuple[ClassifyRequest, str | None]]) -> list[LabelLogprobs]:
+                       priors: Mapping[Hashable, tuple[ClassifyRequest, str, str | None]]) -> list[LabelLogprobs]:
     """The queries' label scores. The content-free queries of each prior not known yet ride along in the
     same engine call (no extra round trip), and their prior is remembered."""
-    missing = {key: _content_free(request, label) for key, (request, label) in priors.items()
+    missing = {key: _content_free(request, wording, label) for key, (request, wording, label) in priors.items()
                if calibration.known(key) is None}
     extra = [query for content_free in missing.values() for query in content_free]
     scored = engine.label_logprobs(queries + extra)
@@ -119,12 +125,12 @@ def _score_with_priors(engine: LabelScorer, queries: list[LabelQuery],
     return scored[: len(queries)]
 
 
-def _content_free(request: ClassifyRequest, label: str | None) -> list[LabelQuery]:
+def _content_free(request: ClassifyRequest, wording: str, label: str | None) -> list[LabelQuery]:
     """The request's prompt with each content-free text; `label`: the multi-label yes/no question."""
     labels = _labels(request)
     if label is None:
-        return [classify_prompt.single_label(request, labels, text) for text in classify_prompt.CONTENT_FREE]
-    return [classify_prompt.yes_no(request, labels, label, text) for text in classify_prompt.CONTENT_FREE]
+        return [classify_prompt.single_label(request, labels, wording, text) for text in classify_prompt.CONTENT_FREE]
+    return [classify_prompt.yes_no(request, labels, label, wording, text) for text in classify_prompt.CONTENT_FREE]
 
 
 def _prior(scored: list[LabelLogprobs], size: int) -> list[float]:
@@ -139,19 +145,20 @@ def _calibrated(raw: list[float], key: Hashable) -> list[float]:
     return calibration.calibrate(raw, prior) if prior is not None else raw
 
 
-def _single_key(engine: Engine, request: ClassifyRequest) -> Hashable:
-    return (engine.name, engine.model_name, "single", request.instruction, tuple(_labels(request)), _shots(request))
+def _single_key(engine: Engine, request: ClassifyRequest, wording: str) -> Hashable:
+    return (engine.name, engine.model_name, "single", *_prompt_key(request, wording))
 
 
-def _yes_no_key(engine: Engine, request: ClassifyRequest, label: str) -> Hashable:
-    return (engine.name, engine.model_name, "yes_no", request.instruction, tuple(_labels(request)), _shots(request),
-            label)
+def _yes_no_key(engine: Engine, request: ClassifyRequest, wording: str, label: str) -> Hashable:
+    return (engine.name, engine.model_name, "yes_no", *_prompt_key(request, wording), label)
 
 
-def _shots(request: ClassifyRequest) -> str | None:
-    """The few-shot examples, as part of a prior's key: they change the model's bias as the wording does."""
+def _prompt_key(request: ClassifyRequest, wording: str) -> tuple[Hashable, ...]:
+    """What shapes a prompt apart from its text, and so the model's bias: the wording, the labels, the
+    layout and template, and the few-shot examples."""
     examples = request.examples
-    return hashlib.sha256(repr([(e.text, e.answers()) for e in examples]).encode()).hexdigest() if examples else None
+    shots = hashlib.sha256(repr([(e.text, e.answers()) for e in examples]).encode()).hexdigest() if examples else None
+    return wording, tuple(_labels(request)), request.layout, request.template, shots
 
 
 def _answer(labels: list[str], final: list[float], raw: list[float] | None, method: str,
@@ -166,32 +173,41 @@ def _answer(labels: list[str], final: list[float], raw: list[float] | None, meth
 
 
 def _multi_label(engine: LabelScorer, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
-    queries = [classify_prompt.yes_no(r, _labels(r), label) for r in requests for label in _labels(r)]
-    priors = {_yes_no_key(engine, r, label): (r, label) for r in requests if r.calibrate for label in _labels(r)}
+    """Each label's yes against no, under each wording; P(yes) averaged over the wordings."""
+    asked = [(r, label, wording) for r in requests for label in _labels(r) for wording in classify_prompt.wordings(r)]
+    queries = [classify_prompt.yes_no(r, _labels(r), label, wording) for r, label, wording in asked]
+    priors = {_yes_no_key(engine, r, wording, label): (r, wording, label) for r, label, wording in asked
+              if r.calibrate}
     scored = iter(_score_with_priors(engine, queries, priors))
     results = []
     for request in requests:
-        labels = _labels(request)
-        answers = [next(scored) for _ in labels]
-        failed = next((a for a in answers if a.error is not None), None)
-        if failed is not None:
-            results.append(ClassifyResult(prompt_tokens=failed.prompt_tokens, error=failed.error,
-                                          error_code=failed.error_code))
+        labels, wordings = _labels(request), classify_prompt.wordings(request)
+        answers = {(label, wording): next(scored) for label in labels for wording in wordings}
+        tokens = sum(a.prompt_tokens for a in answers.values())
+        if failed := next((a for a in answers.values() if a.error is not None), None):
+            results.append(ClassifyResult(prompt_tokens=tokens, error=failed.error, error_code=failed.error_code))
             continue
-        raw = [calibration.normalise(a.totals)[0] for a in answers]  # P(yes) against P(no)
-        final = [_calibrated([p, 1.0 - p], _yes_no_key(engine, request, label))[0] if request.calibrate else p
-                 for label, p in zip(labels, raw, strict=True)]
-        answer = _answer(labels, final, raw, "score", request.calibrate)
-        answer.labels = [label for label, p in zip(labels, final, strict=True) if p >= request.threshold]
-        results.append(ClassifyResult(answer, sum(a.prompt_tokens for a in answers)))
+        raw = {key: calibration.normalise(a.totals)[0] for key, a in answers.items()}  # P(yes) against P(no)
+        final = {(label, wording): _calibrated([p, 1.0 - p], _yes_no_key(engine, request, wording, label))[0]
+                 if request.calibrate else p for (label, wording), p in raw.items()}
+        answer = _answer(labels, [_mean([final[label, w] for w in wordings]) for label in labels],
+                         [_mean([raw[label, w] for w in wordings]) for label in labels], "score", request.calibrate)
+        answer.labels = [label for label in labels if answer.probabilities[label] >= request.threshold]
+        results.append(ClassifyResult(answer, tokens))
     return results
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 # --- guided choice and classification heads --------------------------------------------------
 
 
 def _choices(engine: LabelScorer, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
-    queries = [classify_prompt.single_label(r, _labels(r)) for r in requests]
+    """Guided choice generates one label: under the request's first wording (an answer, not a probability,
+    does not average)."""
+    queries = [classify_prompt.single_label(r, _labels(r), classify_prompt.wordings(r)[0]) for r in requests]
     results = []
     for query, choice in zip(queries, engine.choose(queries), strict=True):
         if choice.label is None:
@@ -315,12 +331,13 @@ def _windows(engine: Engine, request: ClassifyRequest) -> list[str] | None:
     if route == "head":
         return cast(HeadClassifier, engine).head_windows(request.text, request.long)
     labels = _labels(request)
-    if request.multi_label:  # the longest yes/no question leaves the least room: its windows fit every label's
+    wording = max(classify_prompt.wordings(request), key=len)  # the longest question leaves the least room
+    if request.multi_label:  # so does the longest yes/no question: its windows fit every label's
         longest = max(labels, key=len)
         return cast(LabelScorer, engine).label_windows(
-            lambda text: classify_prompt.yes_no(request, labels, longest, text), request.text, request.long)
+            lambda text: classify_prompt.yes_no(request, labels, longest, wording, text), request.text, request.long)
     return cast(LabelScorer, engine).label_windows(
-        lambda text: classify_prompt.single_label(request, labels, text), request.text, request.long)
+        lambda text: classify_prompt.single_label(request, labels, wording, text), request.text, request.long)
 
 
 def _window(request: ClassifyRequest, text: str) -> dict[str, Any]:

@@ -1,9 +1,17 @@
-"""The prompts of classification: instruction, then text, in one user turn; the answer is the label.
+"""The prompts of classification: the text and a question about it, in one user turn of the model's
+chat (or as plain text with `template: plain`); the answer is the label.
+
+Without an instruction of its own a batch asks several generic wordings of the question and averages
+their calibrated probabilities (prompt ensembling): on a small model accuracy swings by tens of points
+with the wording, and the average holds up better than a wording chosen blind (bench/zero_shot.py,
+which also chose the default layout, question first, and the chat template over plain text, on the
+tuning halves of two tasks). `layout: text-first` puts the text first instead, so that the prompts of
+one text share it as a prefix, which vLLM's prefix cache computes once.
 
 The labels are not listed unless the instruction asks for them with `{labels}`: the label is scored as
 the answer either way, and on small models a list of options in the prompt pulls the answer toward
-the list's order more than it informs it. The default instruction does list them: without an
-instruction they are all the model learns about the task.
+the list's order more than it informs it. The default wordings do list them: without an instruction
+they are all the model learns about the task.
 
 Few-shot examples (`--examples`) come first, as earlier turns asked and answered as the text will be:
 every item's prompt then starts with the same turns, which the engine's prefix cache computes once.
@@ -17,38 +25,57 @@ from schema.jobs import ChatMessage
 from schema.kinds.classify import ClassifyRequest, Example
 from worker.engines.labels import LabelQuery
 
-DEFAULT_INSTRUCTION = "Which of these labels fits the text best: {labels}?"
+# Generic questions (any labels, any texts), asked together when a batch gives no instruction.
+DEFAULT_INSTRUCTIONS = (
+    "Which of these labels fits the text best: {labels}?",
+    "Classify the text as one of: {labels}.",
+    "Which category does this text belong to: {labels}?",
+    "Answer with one label for the text: {labels}.",
+)
 # Content-free inputs (Zhao et al. 2021): what the model answers to these is its bias, not the text's.
 CONTENT_FREE = ("N/A", "", "[MASK]")
 YES_NO = ["yes", "no"]
+PLAIN_ANSWER = "Answer:"  # a plain prompt ends here; the label follows after a space
 
 
-def instruction(request: ClassifyRequest, labels: list[str]) -> str:
-    """The request's instruction (or the default) with `{labels}` replaced by the label list."""
-    return (request.instruction or DEFAULT_INSTRUCTION).replace("{labels}", ", ".join(labels))
+def wordings(request: ClassifyRequest) -> list[str]:
+    """The instructions a request is asked under: its own, or the default ensemble."""
+    return [request.instruction] if request.instruction else list(DEFAULT_INSTRUCTIONS)
 
 
-def single_label(request: ClassifyRequest, labels: list[str], text: str | None = None) -> LabelQuery:
+def instruction(wording: str, labels: list[str]) -> str:
+    """`wording` with `{labels}` replaced by the label list."""
+    return wording.replace("{labels}", ", ".join(labels))
+
+
+def single_label(request: ClassifyRequest, labels: list[str], wording: str, text: str | None = None) -> LabelQuery:
     """The query scoring each label as the answer; `text` replaces the request's (content-free input)."""
-    def ask(body: str) -> str:
-        return f"{instruction(request, labels)}\n{body}"
-
-    body = request.text if text is None else text
-    shots = _shots(request, ask, lambda example: example.answers()[0])
-    return LabelQuery([*shots, ChatMessage(role="user", content=ask(body))], labels)
+    question = instruction(wording, labels)
+    return _query(request, lambda body: _ask(request, question, body), labels,
+                  lambda example: example.answers()[0], text)
 
 
-def yes_no(request: ClassifyRequest, labels: list[str], label: str, text: str | None = None) -> LabelQuery:
+def yes_no(request: ClassifyRequest, labels: list[str], label: str, wording: str,
+           text: str | None = None) -> LabelQuery:
     """Multi-label: does `label` apply? Scored as the answers yes and no."""
-    def ask(body: str) -> str:
-        return f'{instruction(request, labels)}\nDoes the label "{label}" apply to this text? Answer yes or no.\n{body}'
+    question = f'{instruction(wording, labels)}\nDoes the label "{label}" apply to this text? Answer yes or no.'
+    return _query(request, lambda body: _ask(request, question, body), YES_NO,
+                  lambda example: YES_NO[0] if label in example.answers() else YES_NO[1], text)
 
+
+def _ask(request: ClassifyRequest, question: str, body: str) -> str:
+    return f"{body}\n\n{question}" if request.layout == "text-first" else f"{question}\n{body}"
+
+
+def _query(request: ClassifyRequest, ask: Callable[[str], str], labels: list[str],
+           answer: Callable[[Example], str], text: str | None) -> LabelQuery:
+    """The few-shot examples asked and answered as the text will be, then the text, as chat turns or
+    as one plain-text prompt."""
     body = request.text if text is None else text
-    shots = _shots(request, ask, lambda example: YES_NO[0] if label in example.answers() else YES_NO[1])
-    return LabelQuery([*shots, ChatMessage(role="user", content=ask(body))], YES_NO)
-
-
-def _shots(request: ClassifyRequest, ask: Callable[[str], str], answer: Callable[[Example], str]) -> list[ChatMessage]:
-    """The few-shot examples as earlier turns of the chat, asked and answered as the text will be."""
-    return [message for example in request.examples or [] for message in (
-        ChatMessage(role="user", content=ask(example.text)), ChatMessage(role="assistant", content=answer(example)))]
+    shots = [(ask(example.text), answer(example)) for example in request.examples or []]
+    if request.template == "plain":
+        done = "".join(f"{asked}\n{PLAIN_ANSWER} {answered}\n\n" for asked, answered in shots)
+        return LabelQuery([], labels, prompt=f"{done}{ask(body)}\n{PLAIN_ANSWER}", answer_prefix=" ")
+    turns = [message for asked, answered in shots for message in (
+        ChatMessage(role="user", content=asked), ChatMessage(role="assistant", content=answered))]
+    return LabelQuery([*turns, ChatMessage(role="user", content=ask(body))], labels)
