@@ -28,16 +28,18 @@ from starlette.exceptions import HTTPException
 
 from producer import api_metrics, dashboard, files, keys, quotas
 from producer.service import Service
-from schema import workers
+from schema import kinds, workers
 from schema.batch_object import BatchObject
 from schema.db import utcnow
 from schema.errors import BatchNotFound, BatchStateError, GristmillError, InputError
+from schema.kinds.classify import CLASSIFY_ENDPOINT
 from schema.kinds.embed import EMBEDDINGS_URL
 from schema.lines import CHAT_URL, COMPLETIONS_URL
 from schema.settings import Settings, get_settings, redact
 
 log = logging.getLogger("gristmill.api")
-KIND_OF_ENDPOINT = {CHAT_URL: "generate", COMPLETIONS_URL: "generate", EMBEDDINGS_URL: "embed"}
+KIND_OF_ENDPOINT = {CHAT_URL: "generate", COMPLETIONS_URL: "generate", EMBEDDINGS_URL: "embed",
+                    CLASSIFY_ENDPOINT: "classify"}
 OUTPUT, ERRORS = "file-output-", "file-errors-"
 UPLOAD_PIECE = 1 << 20
 MULTIPART_ENVELOPE = 64 << 10  # room for the multipart boundaries, part headers and the purpose field
@@ -67,6 +69,9 @@ class CreateBatch(BaseModel):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    # gristmill's own: the task kind's options, as the CLI's flags and a schedule's task give them (for
+    # /v1/classify: labels, instruction, method, probe, train, ...); the SDKs send it as extra_body.
+    gristmill: dict[str, Any] | None = None
 
 
 class UploadLimit:
@@ -234,12 +239,14 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
         mine = service.scoped(who.project)
         if since is not None and (earlier := mine.find_request(request_key, since)):
             return _batch(mine.status(earlier))  # a retry whose first attempt made the batch (its answer was lost)
+        options = body.gristmill or {}
+        _found(lambda: kinds.get(kind).spec(**options), param="gristmill")  # a bad option: 400, nothing stored
         stored = _found(lambda: files.info(settings, who.project, body.input_file_id), param="input_file_id")
         view = service.scoped(stored.project)
         admit = functools.partial(quotas.check_queued, settings, stored.project)  # 429 past the project's queue
         batch_id = _within(lambda: _found(lambda: view.submit(
             files.content(settings, stored.project, stored.id), name=stored.id, task=kind, metadata=body.metadata,
-            endpoint=body.endpoint, record_invalid=True, request_key=request_key, admit=admit)))
+            endpoint=body.endpoint, record_invalid=True, request_key=request_key, admit=admit, **options)))
         return _batch(view.status(batch_id))
 
     @app.get("/v1/batches")

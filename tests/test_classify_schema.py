@@ -138,7 +138,11 @@ def test_lines_take_the_batch_labels_or_their_own(tmp_path: Path) -> None:
     ({"id": "a", "text": ""}, "2: field 'text'", "at least 1 character"),
     ({"text": "x"}, "2: field 'custom_id'", "required"),
     ({"id": "z", "text": "x"}, "2: field 'custom_id'", "duplicate custom_id 'z'"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}, "2:", "not OpenAI batch"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}, "2: field 'url'",
+     "url is '/v1/classify', not '/v1/chat/completions'"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/classify", "body": "x"}, "2: field 'body'", "object"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/classify", "body": {"text": ""}}, "2: field 'body.text'",
+     "at least 1 character"),
     ("{not json", "2:", "not valid JSON"),
 ])
 def test_a_bad_line_names_its_line(tmp_path: Path, line: object, where: str, message: str) -> None:
@@ -146,6 +150,16 @@ def test_a_bad_line_names_its_line(tmp_path: Path, line: object, where: str, mes
     with pytest.raises(InputError, match=message) as caught:
         parse_classify_input(path, ClassifySpec(labels=["p", "n"]), **LIMITS)
     assert where in str(caught.value)
+
+
+def test_batch_request_lines_for_the_classify_endpoint(tmp_path: Path) -> None:
+    """The HTTP API's input files hold batch requests: {custom_id, method, url: /v1/classify, body: {text,
+    labels?}} reads as the plain line {custom_id, text, labels?} does."""
+    path = write_lines(tmp_path, {"custom_id": "r1", "method": "POST", "url": "/v1/classify",
+                                  "body": {"text": "Great mic.", "labels": ["yes", "no"]}}, {"id": "r2", "text": "Meh."})
+    first, second = parse_classify_input(path, ClassifySpec(labels=["p", "n"]), **LIMITS)
+    assert (first.custom_id, first.request.text, first.request.labels) == ("r1", "Great mic.", ["yes", "no"])
+    assert (second.custom_id, second.request.labels, first.endpoint) == ("r2", ["p", "n"], "/v1/classify")
 
 
 def test_lines_need_labels_from_somewhere(tmp_path: Path) -> None:

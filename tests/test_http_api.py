@@ -394,3 +394,47 @@ def test_metrics_add_up_across_uvicorn_workers(sqlite_url: str, settings_for, tm
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_classification_and_a_probe_through_the_openai_client(sqlite_url: str, settings_for,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    """`/v1/classify` batches from the official client, the kind's options in the body's `gristmill` field
+    (the SDK's extra_body): label scoring, then a probe learned from labelled texts given inline; a bad
+    option is refused with 400 and nothing stored. A real engine (transformers): the answers are the test."""
+    from tests.test_probes import labelled
+
+    settings = settings_for(sqlite_url)
+    port = free_port()
+    proc = start(["serve", "--port", str(port), "--with-worker", "--engine", "transformers"], settings, tmp_path,
+                 "serve.log")
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 60, "the API did not start")
+        api = client(f"http://127.0.0.1:{port}/v1", "sk-anything")
+        reviews = labelled(slice(120, 136))  # not among the probe's training texts below
+        lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/classify", "body": {"text": r["text"]}}
+                 for i, r in enumerate(reviews)]
+        uploaded = api.files.create(file=("reviews.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()),
+                                    purpose="batch")
+
+        def classify(options: dict[str, object]) -> list[dict[str, object]]:
+            batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/classify",  # type: ignore[arg-type]
+                                       completion_window="24h", extra_body={"gristmill": options})
+            done = run_to_end(api, batch.id)
+            assert done.status == "completed" and done.output_file_id, done
+            return [json.loads(x) for x in api.files.content(done.output_file_id).text.splitlines()]
+
+        scored = classify({"labels": ["positive", "negative"], "instruction": "What is the sentiment of this review?"})
+        assert [x["custom_id"] for x in scored] == [f"r{i}" for i in range(len(reviews))]
+        assert {x["method"] for x in scored} == {"score"}
+        assert sum(x["label"] == r["label"] for x, r in zip(scored, reviews, strict=True)) >= 12
+        probed = classify({"method": "probe", "train": labelled(slice(0, 60))})
+        assert {x["method"] for x in probed} == {"probe"}
+        assert sum(x["label"] == r["label"] for x, r in zip(probed, reviews, strict=True)) >= 14
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.batches.create(input_file_id=uploaded.id, endpoint="/v1/classify",  # type: ignore[arg-type]
+                               completion_window="24h", extra_body={"gristmill": {"method": "guess"}})
+        assert refused.value.body["param"] == "gristmill" and "method" in refused.value.body["message"]  # type: ignore[index]
+        assert len(api.batches.list().data) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)

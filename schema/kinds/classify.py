@@ -254,10 +254,15 @@ def parse_classify_stream(stream: BinaryIO, name: str, spec: ClassifySpec, *, ma
 
 def _item(obj: dict[str, Any], lineno: int, name: str, spec: ClassifySpec,
           head_labels: list[str] | None) -> ParsedItem:
-    if "body" in obj or ("url" in obj and "text" not in obj):
-        raise InputError(name, lineno, None, "classification lines are {\"custom_id\" or \"id\", \"text\", "
-                                             "\"labels\" (optional)}, not OpenAI batch requests")
-    line = validate_as(ClassifyLine, obj, name, lineno, "")
+    prefix = ""
+    if "body" in obj or "url" in obj:  # a batch request's shape: {custom_id, method, url, body: {text, labels?}}
+        if obj.get("url") != CLASSIFY_ENDPOINT:
+            raise InputError(name, lineno, "url", f"a classification line's url is {CLASSIFY_ENDPOINT!r}, not "
+                                                  f"{obj.get('url')!r} (or give {{custom_id|id, text, labels?}} alone)")
+        if not isinstance(obj.get("body"), dict):
+            raise InputError(name, lineno, "body", 'an object {"text", "labels" (optional)} is required')
+        obj, prefix = {**obj["body"], "custom_id": obj.get("custom_id")}, "body"
+    line = validate_as(ClassifyLine, obj, name, lineno, prefix)
     custom_id = line.custom_id or line.id
     if custom_id is None:
         raise InputError(name, lineno, "custom_id", "required field is missing (give 'custom_id' or 'id')")
