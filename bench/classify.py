@@ -122,7 +122,7 @@ def learn_probe(engine: Engine, pool: list[tuple[str, str]]) -> Labelled:
 def measure(engine: Engine, name: str, rows: list[tuple[str, str]], instruction: str, labelled: Labelled) -> Run:
     batch = requests(rows, instruction, labelled, **METHODS[name])
     calibration.clear_priors()  # the calibrated run pays for estimating its prior
-    _reset_prefix_cache(engine)
+    reset_prefix_cache(engine)
     started = time.perf_counter()
     results = classify(engine, batch, {"bench": labelled.probe} if labelled.probe else None)
     seconds = time.perf_counter() - started
@@ -162,7 +162,7 @@ def wordings(engine: Engine, rows: list[tuple[str, str]], labelled: Labelled) ->
     return {wording: measure(engine, "calibrated scoring", rows, wording, labelled).accuracy for wording in WORDINGS}
 
 
-def _reset_prefix_cache(engine: Engine) -> None:
+def reset_prefix_cache(engine: Engine) -> None:
     """Every method starts from an empty vLLM prefix cache: they all send the same prompts."""
     llm = getattr(engine, "_llm", None)  # VLLMEngine's vllm.LLM; transformers keeps no cache across calls
     if llm is not None:

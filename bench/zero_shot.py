@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.classify import reset_prefix_cache
 from producer.evaluation import single_label_metrics
 from schema.kinds.classify import ClassifyRequest
 from schema.settings import Settings
@@ -88,7 +89,7 @@ def run(engine: Engine, task: Task, rows: list[tuple[str, str]], labels: list[st
     labels = labels or task.labels
     back = dict(zip(labels, _original(task, labels), strict=True))
     calibration.clear_priors()  # every configuration pays for its priors
-    _reset_prefix_cache(engine)
+    reset_prefix_cache(engine)
     started, results = time.perf_counter(), []
     for start in range(0, len(rows), BLOCK_DOCS):
         results += classify(engine, [ClassifyRequest(text=text, labels=labels, **spec)
@@ -124,8 +125,7 @@ def _scored(task: Task, rows: list[tuple[str, str]], answers: list[str], probabi
 
 def ensemble(task: Task, rows: list[tuple[str, str]], parts: list[Scored]) -> Scored:
     """What a batch without an instruction answers: the wordings' calibrated probabilities averaged."""
-    averaged = [[sum(column) / len(parts) for column in zip(*per_doc, strict=True)]
-                for per_doc in zip(*(p.probabilities for p in parts), strict=True)]
+    averaged = [calibration.average(list(per_doc)) for per_doc in zip(*(p.probabilities for p in parts), strict=True)]
     answers = [task.labels[max(range(len(p)), key=p.__getitem__)] for p in averaged]
     return _scored(task, rows, answers, averaged, sum(p.seconds for p in parts))
 
@@ -179,12 +179,6 @@ def report(engine: Engine, data: dict[str, list[tuple[str, str]]], fmt: dict[str
 def _figures(scored: Scored) -> dict[str, float]:
     return {"accuracy": scored.accuracy, "macro_f1": scored.macro_f1, "seconds": scored.seconds,
             "top_label_share": scored.share_of_top_label}
-
-
-def _reset_prefix_cache(engine: Engine) -> None:
-    llm = getattr(engine, "_llm", None)  # VLLMEngine's vllm.LLM; transformers keeps no cache across calls
-    if llm is not None:
-        llm.reset_prefix_cache()
 
 
 def table(result: dict[str, Any]) -> str:

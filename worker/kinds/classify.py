@@ -190,15 +190,12 @@ def _multi_label(engine: LabelScorer, requests: list[ClassifyRequest]) -> list[C
         raw = {key: calibration.normalise(a.totals)[0] for key, a in answers.items()}  # P(yes) against P(no)
         final = {(label, wording): _calibrated([p, 1.0 - p], _yes_no_key(engine, request, wording, label))[0]
                  if request.calibrate else p for (label, wording), p in raw.items()}
-        answer = _answer(labels, [_mean([final[label, w] for w in wordings]) for label in labels],
-                         [_mean([raw[label, w] for w in wordings]) for label in labels], "score", request.calibrate)
+        answer = _answer(labels, calibration.average([[final[label, w] for label in labels] for w in wordings]),
+                         calibration.average([[raw[label, w] for label in labels] for w in wordings]), "score",
+                         request.calibrate)
         answer.labels = [label for label in labels if answer.probabilities[label] >= request.threshold]
         results.append(ClassifyResult(answer, tokens))
     return results
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 # --- guided choice and classification heads --------------------------------------------------
