@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ def transformers_engine(engine_settings: Settings) -> Iterator[TransformersEngin
 @pytest.fixture(scope="module")
 def vllm_engine(engine_settings: Settings, prepared_model: Path) -> Iterator[VLLMEngine]:
     options = {"max_num_seqs": 64}  # GRISTMILL_VLLM_OPTIONS: see test_vllm_options_reach_the_engine
+    started = time.time() - 1
     engine = load_engine(MODEL, "vllm", engine_settings.model_copy(update={"vllm_options": options}))
     assert isinstance(engine, VLLMEngine)
+    engine.started_at = started  # type: ignore[attr-defined]
     yield engine
     engine.close()
 
@@ -251,7 +254,10 @@ def test_vllm_options_reach_the_engine(vllm_engine: VLLMEngine) -> None:
 
 # Runs last in this module: it closes the shared vLLM engine.
 def test_vllm_close_leaves_no_child_process(vllm_engine: VLLMEngine) -> None:
-    children = [p for p in psutil.Process().children(recursive=True) if not _is_resource_tracker(p)]
+    # this engine's processes: the session's engines (tests/conftest.py) may run beside it, started earlier
+    started = vllm_engine.started_at if hasattr(vllm_engine, "started_at") else 0.0
+    children = [p for p in psutil.Process().children(recursive=True)
+                if not _is_resource_tracker(p) and p.create_time() >= started]
     assert any(p.name().startswith("VLLM::") for p in children)  # the EngineCore was running
     vllm_engine.close()
     vllm_engine.close()  # a second close is harmless
