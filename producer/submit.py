@@ -17,7 +17,7 @@ from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from schema import cache, store
-from schema.db import get_engine, get_sessionmaker, utcnow
+from schema.db import db_clock, get_engine, get_sessionmaker, utcnow
 from schema.errors import BrokerError
 from schema.inputs import ParsedItem
 from schema.kinds.base import Stored
@@ -64,18 +64,18 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
     """The batch row and every item row, in one transaction (PostgreSQL: COPY), with the rows the kind
     stores beside them (Kind.prepare); `keys`: each item's cache key (schema.cache), and items whose key
     has a cached answer are stored answered. Returns how many were."""
-    now = utcnow()
     keys = keys or [None] * len(items)
-    batch = Batch(
-        id=batch_id, kind=new.kind, project=new.project, endpoint=items[0].endpoint, model=new.model,
-        params=new.params,
-        status=BatchStatus.in_progress, input_file=new.input_file, metadata_=new.metadata, errors=[],
-        total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
-        completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
-        created_at=now, in_progress_at=now, request_key=new.request_key,
-    )
-    rows = (_item_row(batch_id, item, now, key) for item, key in zip(items, keys, strict=True))
     with get_sessionmaker(settings.database_url)() as session, session.begin():
+        now = db_clock(session)  # the clock the reconciler judges the completion window by
+        batch = Batch(
+            id=batch_id, kind=new.kind, project=new.project, endpoint=items[0].endpoint, model=new.model,
+            params=new.params,
+            status=BatchStatus.in_progress, input_file=new.input_file, metadata_=new.metadata, errors=[],
+            total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
+            completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
+            created_at=now, in_progress_at=now, request_key=new.request_key,
+        )
+        rows = (_item_row(batch_id, item, now, key) for item, key in zip(items, keys, strict=True))
         for row in stored or []:
             store.insert_ignore(session, row.table, [row.row], key=row.key)
         session.add(batch)
@@ -94,8 +94,8 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
 def store_invalid(settings: Settings, batch_id: str, new: NewBatch, endpoint: str, errors: list[dict[str, Any]]) -> None:
     """A batch whose input failed validation, recorded as `failed` with the problems, no items (what
     OpenAI's Batch API does; the CLI and Python API raise InputError instead)."""
-    now = utcnow()
     with get_sessionmaker(settings.database_url)() as session, session.begin():
+        now = db_clock(session)
         session.add(Batch(
             id=batch_id, kind=new.kind, project=new.project, endpoint=endpoint, model=new.model, params=new.params,
             status=BatchStatus.failed, input_file=new.input_file, metadata_=new.metadata, errors=errors, total=0,

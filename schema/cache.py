@@ -82,15 +82,18 @@ def lookup(session: Session, keys: Iterable[str]) -> dict[str, CachedResult]:
 
 
 def answer(session: Session, batch_id: str, keys: Iterable[str], status: str, now: datetime,
-           item_ids: list[int] | None = None) -> list[int]:
-    """Items of the batch in `status` (of `item_ids`, when given) whose key has a cached answer: succeeded
-    now, their answer's rows copied, counted in the batch's counters; returns their ids."""
+           item_ids: list[int] | None = None, holding: Any = None) -> list[int]:
+    """Items of the batch in `status` (of `item_ids` and under the condition `holding`, when given: a
+    claim's lease) whose key has a cached answer: succeeded now, their answer's rows copied, counted in
+    the batch's counters; returns their ids."""
     found = lookup(session, keys)
     if not found:
         return []
     query = select(Item).where(Item.batch_id == batch_id, Item.status == status, Item.cache_key.in_(list(found)))
     if item_ids is not None:
         query = query.where(Item.id.in_(item_ids))
+    if holding is not None:
+        query = query.where(holding)
     hits = [(item, found[item.cache_key]) for item in session.scalars(query) if item.cache_key]
     for item, _ in hits:
         item.status, item.cached, item.finished_at, item.lease_expires_at = ItemStatus.succeeded, True, now, None

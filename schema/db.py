@@ -6,14 +6,16 @@ import fcntl
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import DateTime, Engine, create_engine, event, func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK_KEY = 0x67726973  # any constant; "gris"
@@ -21,6 +23,22 @@ MIGRATION_LOCK_KEY = 0x67726973  # any constant; "gris"
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def db_now(session: Session, seconds: float = 0.0) -> ColumnElement[datetime]:
+    """The database's clock (plus `seconds`) as an SQL expression. Leases, heartbeats and expiry are
+    stamped and judged with it, never with a process's clock: the hosts of workers drift apart, the
+    database is the one clock they share."""
+    if session.get_bind().dialect.name == "sqlite":
+        # As SQLAlchemy stores SQLite datetimes ('YYYY-MM-DD HH:MM:SS.ffffff'), so they compare as text.
+        return func.strftime("%Y-%m-%d %H:%M:%f000", "now", f"{seconds:+.3f} seconds", type_=DateTime(timezone=True))
+    return func.now() + timedelta(seconds=seconds) if seconds else func.now()
+
+
+def db_clock(session: Session) -> datetime:
+    """The database's time now, to stamp rows written from Python with the clock leases are judged by."""
+    now: datetime = session.execute(select(db_now(session))).scalar_one()
+    return aware(now)
 
 
 def aware(value: datetime) -> datetime:
@@ -52,10 +70,20 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
-    engine = create_engine(url, pool_pre_ping=True, future=True)
+    engine = create_engine(url, pool_pre_ping=True, future=True, connect_args=_connect_args(url))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+# A host cut off from PostgreSQL must find out in seconds, not after the kernel's 15 minutes of TCP
+# retransmissions: bounded connects, and TCP acknowledgements and keepalives that time out.
+PG_NETWORK_TIMEOUTS = {"connect_timeout": 10, "tcp_user_timeout": 15000, "keepalives": 1,
+                       "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    return dict(PG_NETWORK_TIMEOUTS) if url.startswith("postgresql") else {}
 
 
 def get_sessionmaker(url: str) -> sessionmaker:

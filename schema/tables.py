@@ -91,7 +91,8 @@ class Item(Base):
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False)  # its last run failed or never ended
     last_error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # schema.errors.ErrorCode of a failed item
-    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    lease_id: Mapped[str | None] = mapped_column(String(32))  # the running claim's fencing token (schema.store)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)  # in the database's clock
     # timing
     enqueued_at: Mapped[datetime | None] = mapped_column(Timestamp)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)

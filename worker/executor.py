@@ -47,13 +47,13 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
     runner = runner_for(kind or "", runtime.engine)
     if runner is None:  # no retry can help: this engine lacks the capability the kind needs
         engine = runtime.engine
-        give_up(runtime, batch_id, [c.id for c in claimed], f"the {engine.name} engine of {engine.model_name} "
+        give_up(runtime, batch_id, claimed, f"the {engine.name} engine of {engine.model_name} "
                 f"cannot run task kind {kind!r}", ErrorCode.unsupported)
         return {"claimed": len(claimed), "succeeded": 0, "failed": len(claimed)}
     if len(claimed) > 1 and any(c.interrupted for c in claimed):
         return _split(runtime, batch_id, runner.kind, claimed)
     if claimed[0].interrupted and claimed[0].attempts > settings.max_attempts:  # a poison item, alone
-        give_up(runtime, batch_id, [claimed[0].id], f"gave up after {settings.max_attempts} attempts; "
+        give_up(runtime, batch_id, claimed[:1], f"gave up after {settings.max_attempts} attempts; "
                                                     f"last error: {claimed[0].last_error}",
                 claimed[0].error_code or ErrorCode.engine_error)
         return {"claimed": 1, "succeeded": 0, "failed": 1}
@@ -62,7 +62,7 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
     except Exception as exc:  # the engine failed as a whole: give the chunk back, the task retries it
         with make_session() as session, session.begin():
             code = ErrorCode.timeout if isinstance(exc, ChunkTimeout) else ErrorCode.engine_error
-            store.release(session, [c.id for c in claimed], f"{type(exc).__name__}: {exc}", code=code)
+            store.release(session, claimed, f"{type(exc).__name__}: {exc}", code=code)
         metrics.RETRIES.labels(runner.kind, runtime.engine.model_name, code).inc()
         raise
     written = time.perf_counter()
@@ -85,7 +85,8 @@ def _answer_from_cache(runtime: Runtime, batch_id: str, claimed: list[store.Clai
     if not keys:  # a batch submitted without the cache: no query
         return claimed
     with sessions(runtime)() as session, session.begin():
-        answered = set(cache.answer(session, batch_id, keys, ItemStatus.running, utcnow(), [c.id for c in claimed]))
+        answered = set(cache.answer(session, batch_id, keys, ItemStatus.running, utcnow(), [c.id for c in claimed],
+                                    holding=store.holding(claimed)))
         if answered:
             store.close_if_done(session, batch_id)
             kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
@@ -98,7 +99,7 @@ def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claim
     """Send the chunk again as two halves (this claim does not count as an attempt)."""
     ids = [c.id for c in claimed]
     with sessions(runtime)() as session, session.begin():
-        store.release(session, ids, "chunk split to isolate a failing item", refund_attempt=True)
+        store.release(session, claimed, "chunk split to isolate a failing item", refund_attempt=True)
     metrics.RETRIES.labels(kind, runtime.engine.model_name, "split").inc()
     half = len(ids) // 2
     model = runtime.engine.model_name  # the queues this worker consumes
@@ -142,14 +143,14 @@ def _with_retries(write: Callable[[], T]) -> T:
     return write()
 
 
-def give_up(runtime: Runtime, batch_id: str, item_ids: list[int], error: str, code: str) -> None:
-    """The items fail with the error, so the batch can end."""
+def give_up(runtime: Runtime, batch_id: str, claimed: list[store.Claimed], error: str, code: str) -> None:
+    """The claimed items fail with the error, so the batch can end."""
     with sessions(runtime)() as session, session.begin():
-        documents = store.fail_open_items(session, batch_id, item_ids, error, code)
+        documents = store.fail_claimed(session, batch_id, claimed, error, code)
         kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
         ready = windows.documents_ready(session, batch_id, kinds.get(kind), set(documents),  # a window that failed
                                         utcnow()) if documents else []
         store.close_if_done(session, batch_id)
     if ready:
         runtime.queue.send_chunks(batch_id, runtime.engine.model_name, kind, ready)
-    metrics.gave_up(kind, runtime.engine.model_name, len(item_ids), code)
+    metrics.gave_up(kind, runtime.engine.model_name, len(claimed), code)

@@ -7,6 +7,8 @@ but nothing carries, and end batches whose completion window has passed.
 - batches past `expires_at` end `expired`: finished results stay, queued items become `expired`.
 A duplicate message this may create is harmless: claiming an item is a conditional update.
 Runs on worker start, every `reconcile_interval_s` in each worker, and as `gristmill reconcile`.
+Every "now" here is the database's clock: a reconciler on a host whose clock runs fast must not take
+leases that are still live, nor one whose clock runs slow leave a dead worker's items waiting.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import base64
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from schema import store
-from schema.db import get_sessionmaker, utcnow
+from schema.db import db_now, get_sessionmaker
 from schema.errors import ErrorCode
 from schema.queue import Queue, queue_for
 from schema.settings import EMBEDDED_BROKER, Settings
@@ -61,7 +62,7 @@ def reconcile(settings: Settings, queue: Queue) -> Report:
 
 def expire_due(session: Session) -> list[str]:
     """End every batch past its completion window: its queued items become `expired`."""
-    now = utcnow()
+    now = db_now(session)
     due = list(session.scalars(
         update(Batch).where(Batch.status == BatchStatus.in_progress, Batch.expires_at < now)
         .values(status=BatchStatus.expired, expired_at=now).returning(Batch.id)
@@ -82,8 +83,8 @@ Route = tuple[str, str, str]  # (batch id, model, kind): where its items are sen
 def _return_dead_leases(session: Session) -> dict[Route, list[int]]:
     """Queue again the items whose worker stopped renewing its claim; their message died with it."""
     returned = session.execute(
-        update(Item).where(Item.status == ItemStatus.running, Item.lease_expires_at < utcnow())
-        .values(status=ItemStatus.queued, lease_expires_at=None, interrupted=True,
+        update(Item).where(Item.status == ItemStatus.running, Item.lease_expires_at < db_now(session))
+        .values(status=ItemStatus.queued, lease_id=None, lease_expires_at=None, interrupted=True,
                 last_error="its worker stopped; queued again", error_code=ErrorCode.engine_error.value)
         .returning(Item.id, Item.batch_id).execution_options(synchronize_session=False)).all()
     routes = {batch_id: (batch_id, model, kind) for batch_id, model, kind in session.execute(
@@ -96,7 +97,7 @@ def _return_dead_leases(session: Session) -> dict[Route, list[int]]:
 
 def _queued_without_message(session: Session, settings: Settings,
                             exclude: dict[Route, list[int]]) -> dict[Route, list[int]]:
-    cutoff = utcnow() - timedelta(seconds=settings.requeue_grace_s)
+    cutoff = db_now(session, -settings.requeue_grace_s)
     open_batch = Batch.status.in_([BatchStatus.in_progress, BatchStatus.cancelling])
     waiting = (Item.status == ItemStatus.queued) & (Item.enqueued_at < cutoff) & open_batch
     queues = {queue_for(m, k) for m, k in session.execute(select(Batch.model, Batch.kind).where(open_batch).distinct())}
