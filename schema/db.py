@@ -14,6 +14,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import DateTime, Engine, create_engine, event, func, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -39,6 +40,11 @@ def db_clock(session: Session) -> datetime:
     """The database's time now, to stamp rows written from Python with the clock leases are judged by."""
     now: datetime = session.execute(select(db_now(session))).scalar_one()
     return aware(now)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """The database could not be reached or dropped the connection (not: the statement was wrong)."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def aware(value: datetime) -> datetime:

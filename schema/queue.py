@@ -50,6 +50,13 @@ def chunk_size(settings: Settings, model: str) -> int:
     return fitting_chunk_size(capacity) if capacity else FALLBACK_CHUNK_SIZE
 
 
+# A host cut off from Redis must find out in seconds: without a socket timeout a publish on a dead
+# connection waits for ever; kombu drops a consumer's connection whose BRPOP reply is overdue by the
+# health-check interval, and Celery then reconnects.
+REDIS_NETWORK_TIMEOUTS = {"socket_timeout": 30, "socket_connect_timeout": 10, "socket_keepalive": True,
+                          "health_check_interval": 10}
+
+
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     """The broker URL and its transport options (no side effects; see `prepare_broker`)."""
     if settings.broker_url != EMBEDDED_BROKER:
@@ -58,7 +65,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
         # unacked_restore_interval); throttle 1: at every look, not every tenth, or they come back up to
         # 100 s late.
         return settings.broker_url, {"visibility_timeout": settings.visibility_timeout_s,
-                                     "unacked_restore_throttle": 1}
+                                     "unacked_restore_throttle": 1, **REDIS_NETWORK_TIMEOUTS}
     folder = settings.broker_folder.resolve()
     options = {
         "data_folder_in": str(folder / "queue"),

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     reconcile_interval_s: int = Field(default=30, ge=1)
     beat_lease_s: float = Field(default=30.0, gt=0)  # a standby beat takes over this long after the holder died
     requeue_grace_s: int = Field(default=60, ge=0)  # queued items younger than this are not reconciled
+    # A worker cut off from the database keeps a finished chunk's results this long, retrying, then
+    # abandons them: its items go back to the queue when their lease (the chunk time limit) ends.
+    write_retry_s: float = Field(default=120.0, ge=0)
     log_format: Literal["text", "json"] = "text"  # json: one object per line (batch id, chunk, worker, durations)
     # Extra vllm.LLM keyword arguments (a JSON object in the environment), applied after gristmill's own,
     # e.g. {"max_num_seqs": 256, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.8}.

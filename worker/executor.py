@@ -4,8 +4,10 @@ Failure handling, driven by what SQL keeps per item (attempts, and whether the l
 - a chunk holding an item whose last run failed or never ended (its worker or engine died, or the
   engine raised) is split in two and sent again, so a poison item ends up alone;
 - an interrupted item alone in its chunk past `max_attempts` runs is marked failed with its last error;
-- writing results retries with backoff when the database drops the connection: the results are in
-  memory, and nothing is acknowledged before they are in SQL.
+- writing results retries with backoff when the database drops the connection or cannot be reached
+  (the results are in memory, nothing is acknowledged before they are in SQL), for `write_retry_s`;
+  then the worker abandons them and its items go back to the queue when their lease ends. A worker that
+  cannot reach the database takes no chunks meanwhile (worker.links).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 
 from schema import cache, kinds, store, windows
-from schema.db import utcnow
+from schema.db import is_disconnect, utcnow
 from schema.errors import ChunkTimeout, ErrorCode
 from schema.states import ItemStatus
 from schema.tables import Batch
@@ -30,7 +31,11 @@ from worker.runtime import Runtime, sessions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-WRITE_RETRIES = (0.5, 1, 2, 4, 8, 15)  # seconds between attempts: rides out a database restart
+WRITE_RETRY_PAUSES_S = (0.5, 15.0)  # the first pause between attempts to write results, and the longest
+
+
+class ResultsAbandoned(Exception):
+    """The database stayed out of reach for `write_retry_s`: this chunk's results are dropped."""
 
 
 def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str, int]:
@@ -66,9 +71,14 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
         metrics.RETRIES.labels(runner.kind, runtime.engine.model_name, code).inc()
         raise
     written = time.perf_counter()
-    chunk_id, to_send = _with_retries(lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
-    if to_send:  # windows of long documents, and documents back from theirs (the reconciler resends if lost)
-        runtime.queue.send_chunks(batch_id, runtime.engine.model_name, runner.kind, to_send)
+    try:
+        chunk_id, to_send = _with_retries(runtime, lambda: _write(runtime, runner, batch_id, outcomes, started, finished))
+    except ResultsAbandoned as exc:
+        log.warning("batch %s: %d results abandoned: %s; their items go back to the queue when their lease ends",
+                    batch_id, len(outcomes), exc, extra={"batch_id": batch_id, "worker": runtime.host})
+        return {"claimed": len(claimed), "succeeded": 0, "failed": 0, "abandoned": len(outcomes)}
+    if to_send:  # windows of long documents, and documents back from theirs
+        _send(runtime, batch_id, runner.kind, to_send)
     failed = sum(1 for o in outcomes if o.error)
     engine_s, write_s = (finished - started).total_seconds(), time.perf_counter() - written
     log.info("batch %s: chunk %s of %d items done (%d failed): engine %.2f s, write %.3f s", batch_id, chunk_id,
@@ -131,16 +141,36 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
     return eb_id, to_send
 
 
-def _with_retries(write: Callable[[], T]) -> T:
-    for pause in WRITE_RETRIES:
+def _with_retries(runtime: Runtime, write: Callable[[], T]) -> T:
+    """`write()`, again with growing pauses while the database is out of reach, for `write_retry_s`."""
+    deadline = time.monotonic() + runtime.settings.write_retry_s
+    pause, pause_max = WRITE_RETRY_PAUSES_S
+    while True:
         try:
             return write()
-        except DBAPIError as exc:
-            if not exc.connection_invalidated and "connection" not in str(exc.orig).lower():
+        except Exception as exc:
+            if not is_disconnect(exc):
                 raise
-            log.warning("database connection lost while writing results; retrying in %.1f s", pause)
-            time.sleep(pause)
-    return write()
+            if runtime.database is not None:
+                runtime.database.lost()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResultsAbandoned(f"the database was out of reach for {runtime.settings.write_retry_s:.0f} s "
+                                       f"({type(exc).__name__})") from exc
+            log.warning("database out of reach while writing results (%s); retrying in %.1f s",
+                        type(exc).__name__, min(pause, left))
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, pause_max)
+
+
+def _send(runtime: Runtime, batch_id: str, kind: str, item_ids: list[int]) -> None:
+    """Send chunks of items this chunk made ready; they are queued in SQL, so if the broker is away the
+    reconciler sends them later."""
+    try:
+        runtime.queue.send_chunks(batch_id, runtime.engine.model_name, kind, item_ids)
+    except Exception as exc:  # noqa: BLE001  # kombu raises many kinds
+        log.warning("batch %s: could not send %d items to the broker (%s); the reconciler will", batch_id,
+                    len(item_ids), type(exc).__name__)
 
 
 def give_up(runtime: Runtime, batch_id: str, claimed: list[store.Claimed], error: str, code: str) -> None:
@@ -152,5 +182,5 @@ def give_up(runtime: Runtime, batch_id: str, claimed: list[store.Claimed], error
                                         utcnow()) if documents else []
         store.close_if_done(session, batch_id)
     if ready:
-        runtime.queue.send_chunks(batch_id, runtime.engine.model_name, kind, ready)
+        _send(runtime, batch_id, kind, ready)
     metrics.gave_up(kind, runtime.engine.model_name, len(claimed), code)

@@ -16,6 +16,7 @@ from schema.settings import Settings
 from worker.engine_loop import EngineLoop
 from worker.engines import load_engine
 from worker.engines.base import Engine
+from worker.links import DatabaseLink
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Runtime:
     queue: Queue  # for chunks this worker sends again (a split)
     host: str = field(default_factory=lambda: worker_id())  # who claimed an item, in SQL
     engine_start_s: float = 0.0
+    database: DatabaseLink | None = None  # a worker process's (worker.service); None where tests run chunks
 
     @property
     def inflight_chunks(self) -> int:

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from schema import workers
 from schema.errors import EngineError
 from schema.queue import Queue, queue_for
-from schema.settings import Settings
+from schema.settings import Settings, redact
 from worker import metrics, runtime, tasks
 from worker.kinds import RUNNERS, served_kinds
+from worker.links import DatabaseLink
 from worker.reconciler import reconcile
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,13 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     app = rt.queue.app
     tasks.bind(app)
     worker_id = rt.host
+    queues = [queue_for(model, kind) for kind in kinds]
     worker = app.Worker(
-        pool="threads", concurrency=rt.inflight_chunks, queues=[queue_for(model, kind) for kind in kinds], loglevel=loglevel,
+        pool="threads", concurrency=rt.inflight_chunks, queues=queues, loglevel=loglevel,
         hostname=worker_id, without_mingle=True, without_gossip=True,
         quiet=stop_when is not None or loglevel not in ("DEBUG", "INFO"),  # no banner inside a command (`run`)
     )
+    rt.database = DatabaseLink(settings, app, worker_id, queues)
     workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs, kinds)
     threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler", daemon=True).start()
     if stop_when is not None:
@@ -93,8 +96,9 @@ def _reconcile_every(settings: Settings, queue: Queue, worker_id: str) -> None:
             last = busy, now
             workers.heartbeat(settings, worker_id, chunks, fraction)
             metrics.REQUEUES.inc(reconcile(settings, queue).requeued)
-        except Exception:  # the broker or database is away; the next round tries again
-            log.exception("reconciling failed")
+        except Exception as exc:  # noqa: BLE001  # the broker or database is away; the next round tries again
+            log.warning("heartbeat and reconciling failed (%s: %s); trying again in %d s", type(exc).__name__,
+                        redact(str(exc)).splitlines()[0] if str(exc) else "", settings.reconcile_interval_s)
         time.sleep(settings.reconcile_interval_s)
 
 
