@@ -154,14 +154,15 @@ def test_partitioned_past_its_lease_the_late_writer_is_fenced_off(cluster: Clust
     cluster.wait_registered(a)
     handle = submit(cluster.settings, docs(cluster.tmp_path, 16))
     wait_until(lambda: len(cluster.held_by(handle.id, a)) == 16, 60, "host 1 did not hold two chunks", cluster)
-    held_a = cluster.held_by(handle.id, a)
+    worker_a = cluster.worker_id(a)
     a.cut()
     cluster.open_gate(a)  # host 1's engine finishes; its writes cannot land
     cluster.start(b)
     cluster.wait_registered(b)
-    # Requeued items were interrupted, so host 2 splits their chunks (to isolate a failing item) and
-    # holds two of the pieces at a time.
-    wait_until(lambda: bool(cluster.held_by(handle.id, b) & held_a), 60, "host 2 did not take host 1's items", cluster)
+    # Both chunks' leases end (they were claimed a moment apart) and host 2 takes the items: requeued
+    # items were interrupted, so it splits their chunks (to isolate a failing item) and holds two pieces.
+    wait_until(lambda: not any(w == worker_a for _, w, _ in cluster.items(handle.id).values())
+               and bool(cluster.held_by(handle.id, b)), 60, "host 2 did not take host 1's items", cluster)
     a.heal()
     # Host 2 holds some of them running whenever host 1's writes come: without the lease id those
     # writes would finish them ("n of 8 discarded", n < 8).
