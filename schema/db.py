@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, Engine, create_engine, event, func, select, text
+from sqlalchemy import DateTime, Engine, ExceptionContext, create_engine, event, func, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
@@ -79,7 +79,16 @@ def get_engine(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=True, future=True, connect_args=_connect_args(url))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "handle_error", _failed_ping_is_lost)
     return engine
+
+
+def _failed_ping_is_lost(context: ExceptionContext) -> None:
+    """A pooled connection that fails its ping is replaced, whatever the error: one that a network failure
+    cut mid-statement comes back still "in transaction", and psycopg refuses it with a programming error
+    that SQLAlchemy would otherwise raise to the caller instead of reconnecting."""
+    if context.is_pre_ping:
+        context.is_disconnect = True
 
 
 # A host cut off from PostgreSQL must find out in seconds, not after the kernel's 15 minutes of TCP

@@ -149,3 +149,20 @@ def test_a_skewed_reconciler_judges_leases_by_the_database_clock(pg_url: str, re
         session.execute(update(Item).where(Item.worker_host == "host-b").values(lease_expires_at=db_now(session, -1)))
     reconcile_at(settings, "-40m", tmp_path)
     assert items(settings, batch_id) == [(ItemStatus.running, "host-a", 1)] * 2 + [(ItemStatus.queued, "host-b", 1)] * 2
+
+
+def test_a_connection_cut_mid_statement_is_replaced(pg_url: str) -> None:
+    """A network failure can leave a pooled connection mid-statement; the next checkout replaces it
+    instead of raising psycopg's "can't change 'autocommit' now" (seen on a host whose link came back)."""
+    from sqlalchemy import text
+
+    from schema.db import get_engine
+
+    engine = get_engine(pg_url)
+    with engine.connect() as conn:
+        stuck = conn.connection.dbapi_connection
+    assert stuck is not None
+    stuck.pgconn.send_query(b"SELECT pg_sleep(1)")  # as a statement the link went down in
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 2")).scalar() == 2
+        assert conn.connection.dbapi_connection is not stuck
