@@ -157,7 +157,7 @@ def test_partitioned_past_its_lease_the_late_writer_is_fenced_off(cluster: Clust
     worker_a = cluster.worker_id(a)
     a.cut()
     cluster.open_gate(a)  # host 1's engine finishes; its writes cannot land
-    cluster.start(b)
+    cluster.start(b, chunk_time_limit_s=60)  # it holds them until host 1 is back: no time limit hit meanwhile
     cluster.wait_registered(b)
     # Both chunks' leases end (they were claimed a moment apart) and host 2 takes the items: requeued
     # items were interrupted, so it splits their chunks (to isolate a failing item) and holds two pieces.
