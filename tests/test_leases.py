@@ -4,7 +4,6 @@ their own network namespaces."""
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -17,23 +16,14 @@ from sqlalchemy import func, select, update
 from producer import api
 from schema import store
 from schema.db import db_clock, db_now, get_sessionmaker, utcnow
-from schema.jobs import SamplingParams
 from schema.queue import Queue
 from schema.settings import Settings
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Item, Result
 from schema.workers import heartbeat, live, register
 from tests.conftest import cli_env
+from tests.test_idempotency import submit_docs
 from worker.reconciler import reconcile
-
-
-def submit_docs(settings: Settings, tmp_path: Path, n: int = 4) -> tuple[str, list[int]]:
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Say the number {i}."}) + "\n" for i in range(n)))
-    handle = api.submit(path, settings=settings, sampling=SamplingParams(max_tokens=8))
-    with get_sessionmaker(settings.database_url)() as session:
-        ids = list(session.scalars(select(Item.id).where(Item.batch_id == handle.id).order_by(Item.line)))
-    return handle.id, ids
 
 
 def claim(settings: Settings, batch_id: str, ids: list[int], host: str, lease_s: float = 60) -> list[store.Claimed]:
@@ -70,7 +60,7 @@ def test_a_worker_that_lost_its_lease_changes_nothing(db_url: str, settings_for,
     items again. When A comes back, its results, its release and its giving up are all refused (the
     lease id does not match), and it says so; B's results are the ones kept."""
     settings = settings_for(db_url)
-    batch_id, ids = submit_docs(settings, tmp_path)
+    batch_id, ids = submit_docs(settings, tmp_path, n=4)
     late = claim(settings, batch_id, ids, "host-a")
     run_out_leases(settings, batch_id)
     assert reconcile(settings, Queue(settings)).leases_expired == 4
@@ -95,7 +85,7 @@ def test_a_worker_that_lost_its_lease_changes_nothing(db_url: str, settings_for,
 def test_a_release_and_a_give_up_need_the_lease(db_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Under its own lease a worker can hand items back and fail them; the next claim gets a new lease."""
     settings = settings_for(db_url)
-    batch_id, ids = submit_docs(settings, tmp_path)
+    batch_id, ids = submit_docs(settings, tmp_path, n=4)
     first = claim(settings, batch_id, ids[:2], "host-a")
     with get_sessionmaker(db_url)() as session, session.begin():
         store.release(session, first, "the engine failed")
@@ -109,7 +99,7 @@ def test_a_release_and_a_give_up_need_the_lease(db_url: str, settings_for, tmp_p
 def test_leases_and_heartbeats_in_the_database_clock(pg_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A claim's lease ends `lease_s` after the database's now, and a heartbeat is stamped with it."""
     settings = settings_for(pg_url)
-    batch_id, ids = submit_docs(settings, tmp_path)
+    batch_id, ids = submit_docs(settings, tmp_path, n=4)
     claimed = claim(settings, batch_id, ids, "host-a", lease_s=30)
     with get_sessionmaker(pg_url)() as session:
         now = db_clock(session)
@@ -135,7 +125,7 @@ def test_a_skewed_reconciler_judges_leases_by_the_database_clock(pg_url: str, re
     minutes slow requeues dead ones at once. (PostgreSQL only: SQLite's clock is the clock of the process
     running the statement; an SQLite database is one host's.)"""
     settings = settings_for(pg_url, redis_url)
-    batch_id, ids = submit_docs(settings, tmp_path)
+    batch_id, ids = submit_docs(settings, tmp_path, n=4)
     claim(settings, batch_id, ids[:2], "host-a", lease_s=600)
     claim(settings, batch_id, ids[2:], "host-b", lease_s=600)
     with get_sessionmaker(pg_url)() as session, session.begin():
