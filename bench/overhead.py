@@ -1,8 +1,10 @@
 """The pipeline's own cost: 100,000 items through Redis + PostgreSQL with an engine that does no inference.
 
 Reports items/s for submission (parse, validate, insert, enqueue) and for execution (first item started
-to last item finished, from SQL), and the worker's peak RSS and RSS growth over the run.
-    python -m bench.overhead [--items N] [--json PATH]
+to last item finished, from SQL), and the worker's peak RSS and RSS growth over the run. With
+`--workers N` it runs the batch again with N worker processes on the same queue and reports the
+execution rate's ratio to one worker's, measured in the same run.
+    python -m bench.overhead [--items N] [--workers N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +53,13 @@ def write_items(path: Path, n: int) -> Path:
     return path
 
 
-def measure(n: int, workdir: Path) -> dict[str, Any]:
-    with fresh_services(workdir, max_items_per_batch=max(n, 100_000)) as settings, \
-            worker_process(settings, NULL_ENGINE, workdir / "worker.log") as worker:
-        warmup = write_items(workdir / "warmup.jsonl", 1000)
+def measure(n: int, workdir: Path, workers: int = 1) -> dict[str, Any]:
+    with fresh_services(workdir, max_items_per_batch=max(n, 100_000)) as settings, ExitStack() as stack:
+        procs = [stack.enter_context(worker_process(settings, NULL_ENGINE, workdir / f"worker{i}.log"))
+                 for i in range(workers)]
+        warmup = write_items(workdir / "warmup.jsonl", 1000 * workers)
         api.submit(warmup, settings=settings).wait(timeout=300)  # tables, connections, code paths warm
-        sampler = RssSampler(worker.pid)
+        sampler = RssSampler(procs[0].pid)  # the first worker's
         rss_start = sampler.rss_mb()
         sampler.start()
         path = write_items(workdir / "items.jsonl", n)
@@ -72,7 +76,7 @@ def measure(n: int, workdir: Path) -> dict[str, Any]:
         execute_s = seconds_between(first, last) or float("nan")
         info = handle.status()
     return {
-        "items": n, "succeeded": info.request_counts.completed, "submit_s": submit_s, "execute_s": execute_s,
+        "items": n, "workers": workers, "succeeded": info.request_counts.completed, "submit_s": submit_s, "execute_s": execute_s,
         "submit_items_per_s": n / submit_s, "execute_items_per_s": n / execute_s,
         "worker_rss_start_mb": rss_start, "worker_rss_peak_mb": max(sampler.samples, default=rss_end),
         "worker_rss_end_mb": rss_end, "worker_rss_growth_mb": rss_end - rss_start,
@@ -82,14 +86,22 @@ def measure(n: int, workdir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=1, help="also run with this many worker processes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gristmill-overhead-") as tmp:
         report = measure(args.items, Path(tmp))
+    if args.workers > 1:
+        with tempfile.TemporaryDirectory(prefix="gristmill-overhead-") as tmp:
+            scaled = measure(args.items, Path(tmp), args.workers)
+        report[f"execute_items_per_s_{args.workers}_workers"] = scaled["execute_items_per_s"]
+        report[f"scale_{args.workers}_workers"] = scaled["execute_items_per_s"] / report["execute_items_per_s"]
     targets = {"submit_items_per_s": 50_000, "execute_items_per_s": 10_000}
     print(f"\n{'metric':<24} {'value':>12} {'target':>10}")
     for key in ("submit_items_per_s", "execute_items_per_s"):
         print(f"{key:<24} {report[key]:>12.0f} {'>= ' + str(targets[key]):>10}")
+    for key in (k for k in report if k.startswith(("execute_items_per_s_", "scale_"))):
+        print(f"{key:<24} {report[key]:>12.2f} {'>= 1.6' if key.startswith('scale_') else '':>10}")
     print(f"{'worker_rss_peak_mb':<24} {report['worker_rss_peak_mb']:>12.1f}")
     print(f"{'worker_rss_growth_mb':<24} {report['worker_rss_growth_mb']:>12.1f} {'<= 50':>10}")
     print(f"succeeded {report['succeeded']}/{report['items']}", file=sys.stderr)

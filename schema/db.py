@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,10 +14,27 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, Engine, ExceptionContext, create_engine, event, func, select, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    ExceptionContext,
+    FromClause,
+    String,
+    any_,
+    bindparam,
+    column,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeEngine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK_KEY = 0x67726973  # any constant; "gris"
@@ -40,6 +58,34 @@ def db_clock(session: Session) -> datetime:
     """The database's time now, to stamp rows written from Python with the clock leases are judged by."""
     now: datetime = session.execute(select(db_now(session))).scalar_one()
     return aware(now)
+
+
+def seconds(session: Session, start: Any, end: Any) -> ColumnElement[float]:
+    """`end - start` in seconds, as an SQL expression."""
+    if session.get_bind().dialect.name == "sqlite":
+        return (func.julianday(end) - func.julianday(start)) * 86400.0
+    return func.extract("epoch", end - start)  # type: ignore[return-value]
+
+
+def among(session: Session, col: Any, ids: list[int]) -> ColumnElement[bool]:
+    """`col IN ids`. On PostgreSQL as one array parameter, `col = ANY(:ids)`: the statement's text is
+    the same for any number of ids, so it is compiled and prepared once, not once per chunk size."""
+    if session.get_bind().dialect.name == "postgresql":
+        return col == any_(bindparam(None, list(ids), type_=ARRAY(BigInteger)))
+    return col.in_(ids)  # type: ignore[no-any-return]
+
+
+def rows_table(session: Session, name: str, columns: dict[str, type[TypeEngine[Any]]],
+               rows: list[tuple[Any, ...]]) -> FromClause:
+    """Rows of values (str, int, float, None) as a table for one statement to join, e.g. `UPDATE ...
+    FROM` it: per-item values without a CASE per column, and one statement for any number of rows.
+    PostgreSQL unnests one array parameter per column; SQLite reads one JSON parameter."""
+    if session.get_bind().dialect.name == "postgresql":
+        arrays = [bindparam(None, [row[i] for row in rows], type_=ARRAY(type_())) for i, type_ in enumerate(columns.values())]
+        return func.unnest(*arrays).table_valued(*(column(n, t()) for n, t in columns.items())).render_derived(name=name)
+    each = func.json_each(bindparam(None, json.dumps(rows), type_=String())).table_valued("value")
+    return select(*(func.json_extract(each.c.value, f"$[{i}]", type_=t()).label(n) for i, (n, t) in enumerate(columns.items()))
+                  ).select_from(each).subquery(name)
 
 
 def is_disconnect(exc: BaseException) -> bool:

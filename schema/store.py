@@ -18,12 +18,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, String, and_, case, cast, or_, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    String,
+    and_,
+    case,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from schema.db import aware, db_now, seconds_between
+from schema.db import among, db_now, rows_table, seconds
 from schema.errors import ErrorCode
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, EngineBatch, Item, Result
@@ -72,7 +85,7 @@ def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease
     )
     stmt = (
         update(Item)
-        .where(Item.id.in_(item_ids), Item.batch_id == batch_id, runnable)
+        .where(among(session, Item.id, item_ids), Item.batch_id == batch_id, runnable)
         .values(
             status=ItemStatus.running,
             attempts=Item.attempts + 1,
@@ -92,22 +105,21 @@ def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease
 
 
 def holding(claimed: list[Claimed]):  # type: ignore[no-untyped-def]
-    """SQL condition: the item is running under the lease this worker's claim gave it."""
-    leases = {c.id: c.lease for c in claimed}
-    return (Item.status == ItemStatus.running) & (Item.lease_id == case(leases, value=Item.id))
+    """SQL condition: the item is running under the lease this worker's claim gave it (one lease for
+    all the items of a claim; a CASE on the item id for items of several)."""
+    leases = {c.lease for c in claimed}
+    lease = leases.pop() if len(leases) == 1 else case({c.id: c.lease for c in claimed}, value=Item.id)
+    return (Item.status == ItemStatus.running) & (Item.lease_id == lease)
 
 
 def record_engine_batch(session: Session, batch_id: str, host: str, engine: str, model: str,
                         outcomes: list[Outcome], started: datetime, finished: datetime) -> int:
-    row = EngineBatch(
+    return session.execute(insert(EngineBatch).values(
         batch_id=batch_id, worker_host=host, engine=engine, model=model, n_items=len(outcomes),
         started_at=started, finished_at=finished, engine_s=(finished - started).total_seconds(),
         prompt_tokens=sum(o.prompt_tokens for o in outcomes),
         completion_tokens=sum(o.completion_tokens for o in outcomes),
-    )
-    session.add(row)
-    session.flush()
-    return row.id
+    ).returning(EngineBatch.id)).scalar_one()
 
 
 def insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key: str = "item_id") -> None:
@@ -117,46 +129,56 @@ def insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key:
     session.execute(insert(table).on_conflict_do_nothing(index_elements=[key]), rows)
 
 
+# What write_outcomes joins per item: the claim's lease (fencing) and the outcome's values.
+OUTCOME_COLUMNS = {"id": BigInteger, "lease": String, "status": String, "error": String, "error_code": String,
+                   "tokens_per_s": Float}
+RESULT_COLUMNS = {"item_id": BigInteger, "custom_id": String, "output_text": String, "finish_reason": String,
+                  "prompt_tokens": BigInteger, "completion_tokens": BigInteger, "truncated_tokens": BigInteger}
+
+
 def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, engine: str, model: str,
                    engine_batch_id: int, started: datetime, finished: datetime) -> list[Outcome]:
     """Finish the items still running under this claim's lease, then store results for exactly those;
     count them; return the outcomes that succeeded now. A repeat of the same chunk, or a late run of
-    items another worker has taken over, changes nothing."""
+    items another worker has taken over, changes nothing. Two statements whatever the chunk's size:
+    per-item values come as a joined table of rows (`rows_table`), the queue wait is computed in SQL."""
     engine_s = (finished - started).total_seconds()
-    rows = {o.item.id: _outcome_row(o, engine_s) for o in outcomes}
-
-    def per_item(field: int, type_: Any = None):  # type: ignore[no-untyped-def]
-        values = case({item_id: row[field] for item_id, row in rows.items()}, value=Item.id)
-        # CAST: were every value NULL (a chunk whose items all failed), PostgreSQL would type the CASE as text.
-        return cast(values, type_) if type_ is not None else values
-
-    # One statement for the chunk (per-item values by CASE on the primary key); RETURNING says which moved.
+    v = rows_table(session, "v", OUTCOME_COLUMNS, [_outcome_row(o, engine_s) for o in outcomes])
+    wait = seconds(session, Item.enqueued_at, Item.started_at)  # both in the database's clock
     finish = (
         update(Item)
-        .where(Item.id.in_(list(rows)), holding([o.item for o in outcomes]))
-        .values(status=per_item(0), last_error=per_item(1), queue_wait_s=per_item(2, Float),
-                tokens_per_s=per_item(3, Float), error_code=per_item(4, String(32)),
-                finished_at=db_now(session), engine_s=engine_s, engine=engine, model=model,
-                engine_batch_id=engine_batch_id, lease_expires_at=None)
+        .where(Item.id == v.c.id, Item.status == ItemStatus.running, Item.lease_id == v.c.lease)
+        .values(status=v.c.status, last_error=v.c.error, error_code=v.c.error_code, tokens_per_s=v.c.tokens_per_s,
+                queue_wait_s=case((wait < 0, 0.0), else_=wait), finished_at=db_now(session), engine_s=engine_s,
+                engine=engine, model=model, engine_batch_id=engine_batch_id, lease_expires_at=None)
         .returning(Item.id, Item.status)
         .execution_options(synchronize_session=False)
     )
     moved = dict(session.execute(finish).all())
-    if len(moved) < len(rows):  # fenced off: the reconciler requeued them when the lease ran out
+    if len(moved) < len(outcomes):  # fenced off: the reconciler requeued them when the lease ran out
         log.warning("batch %s: %d of %d results discarded: their lease was lost (this worker was cut off past it, "
-                    "and the items went back to the queue or to another worker)", batch_id, len(rows) - len(moved),
-                    len(rows), extra={"batch_id": batch_id, "discarded": len(rows) - len(moved)})
+                    "and the items went back to the queue or to another worker)", batch_id,
+                    len(outcomes) - len(moved), len(outcomes),
+                    extra={"batch_id": batch_id, "discarded": len(outcomes) - len(moved)})
     succeeded = [o for o in outcomes if moved.get(o.item.id) == ItemStatus.succeeded]
-    documents = {o.item.id for o in outcomes if o.item.parent_id is None}  # windows are not the batch's items
     if succeeded:
-        results = [{"item_id": o.item.id, "batch_id": batch_id, "custom_id": o.item.custom_id,
-                    "output_text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
-                    "completion_tokens": o.completion_tokens, "truncated_tokens": o.truncated_tokens,
-                    "created_at": finished} for o in succeeded]
-        insert_ignore(session, Result, results)
+        _insert_results(session, batch_id, succeeded, finished)
+    documents = {o.item.id for o in outcomes if o.item.parent_id is None}  # windows are not the batch's items
     failed = sum(1 for item_id, status in moved.items() if status == ItemStatus.failed and item_id in documents)
     count(session, batch_id, succeeded=sum(1 for o in succeeded if o.item.id in documents), failed=failed)
     return succeeded
+
+
+def _insert_results(session: Session, batch_id: str, succeeded: list[Outcome], finished: datetime) -> None:
+    """One INSERT ... SELECT from the rows; an item's result that exists already stays."""
+    r = rows_table(session, "r", RESULT_COLUMNS, [
+        (o.item.id, o.item.custom_id, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,
+         o.truncated_tokens) for o in succeeded])
+    insert_ = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    rows = select(*r.c, literal(batch_id).label("batch_id"), literal(finished, DateTime(timezone=True)).label("created_at"))
+    # WHERE true: SQLite parses `ON CONFLICT` after `INSERT ... SELECT` only when the SELECT has a WHERE.
+    session.execute(insert_(Result).from_select([*RESULT_COLUMNS, "batch_id", "created_at"], rows.where(true()))
+                    .on_conflict_do_nothing(index_elements=["item_id"]))
 
 
 def count(session: Session, batch_id: str, **moved: int) -> None:
@@ -167,15 +189,14 @@ def count(session: Session, batch_id: str, **moved: int) -> None:
 
 
 def _outcome_row(o: Outcome, engine_s: float) -> tuple[Any, ...]:
-    started = o.item.started_at and aware(o.item.started_at)
-    wait = seconds_between(o.item.enqueued_at, started)  # both in the database's clock
     status = ItemStatus.waiting if o.windows is not None else ItemStatus.failed if o.error else ItemStatus.succeeded
     return (
+        o.item.id,
+        o.item.lease,
         status.value,
         o.error,
-        None if wait is None else max(0.0, wait),
-        o.completion_tokens / engine_s if engine_s > 0 and not o.error else None,
         (o.error_code or ErrorCode.engine_error.value) if o.error else None,
+        o.completion_tokens / engine_s if engine_s > 0 and not o.error else None,
     )
 
 
@@ -185,7 +206,7 @@ def release(session: Session, claimed: list[Claimed], error: str, refund_attempt
     the claim did not really try them (a chunk split before running)."""
     session.execute(
         update(Item)
-        .where(Item.id.in_([c.id for c in claimed]), holding(claimed))
+        .where(among(session, Item.id, [c.id for c in claimed]), holding(claimed))
         .values(status=ItemStatus.queued, lease_id=None, lease_expires_at=None, interrupted=not refund_attempt,
                 attempts=Item.attempts - 1 if refund_attempt else Item.attempts,
                 last_error=Item.last_error if refund_attempt else error,
@@ -198,7 +219,7 @@ def fail_claimed(session: Session, batch_id: str, claimed: list[Claimed], error:
     """Fail the items this claim holds; returns the document items of the windows among them (map-reduce)."""
     failed = session.execute(
         update(Item)
-        .where(Item.id.in_([c.id for c in claimed]), Item.batch_id == batch_id, holding(claimed))
+        .where(among(session, Item.id, [c.id for c in claimed]), Item.batch_id == batch_id, holding(claimed))
         .values(status=ItemStatus.failed, last_error=error, error_code=code, finished_at=db_now(session),
                 lease_expires_at=None)
         .returning(Item.id, Item.parent_id)
