@@ -34,6 +34,8 @@ def _job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registry name, Hugging Face folder or GGUF file (default: GRISTMILL_MODEL)")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--completion-window", default="24h", help="the batch expires after this long (e.g. 24h, 90m)")
+    p.add_argument("--priority", default="normal",
+                   help="high, normal, low or 0-9 (9 most urgent): workers take chunks of more urgent batches first")
     p.add_argument("--no-cache", dest="cache", action="store_false",
                    help="compute every item, even one whose identical request was answered before")
     add_spec_flags(p, SPECS)
@@ -139,7 +141,7 @@ def _submit(args: argparse.Namespace, settings: Settings, check_workers: bool = 
     options = spec_values(args, args.task, model, file_flags, SPECS)
     return api.submit(args.input, task=args.task, model=args.model, metadata=_metadata(args.metadata),
                       completion_window=args.completion_window, settings=settings, check_workers=check_workers,
-                      cache=args.cache, **options)
+                      cache=args.cache, priority=args.priority, **options)
 
 
 def _wait(handle: api.BatchHandle, quiet: bool) -> Any:

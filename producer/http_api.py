@@ -35,6 +35,7 @@ from schema.errors import BatchNotFound, BatchStateError, GristmillError, InputE
 from schema.kinds.classify import CLASSIFY_ENDPOINT
 from schema.kinds.embed import EMBEDDINGS_URL
 from schema.lines import CHAT_URL, COMPLETIONS_URL
+from schema.queue import parse_priority
 from schema.settings import Settings, get_settings, redact
 
 log = logging.getLogger("gristmill.api")
@@ -72,6 +73,7 @@ class CreateBatch(BaseModel):
     # gristmill's own: the task kind's options, as the CLI's flags and a schedule's task give them (for
     # /v1/classify: labels, instruction, method, probe, train, ...); the SDKs send it as extra_body.
     gristmill: dict[str, Any] | None = None
+    priority: str | int = "normal"  # gristmill's: high, normal, low or 0-9 (9 most urgent); extra_body too
 
 
 class UploadLimit:
@@ -240,13 +242,15 @@ def create_app(settings: Settings, local: bool = False) -> FastAPI:
         if since is not None and (earlier := mine.find_request(request_key, since)):
             return _batch(mine.status(earlier))  # a retry whose first attempt made the batch (its answer was lost)
         options = body.gristmill or {}
+        _found(lambda: parse_priority(body.priority), param="priority")
         _found(lambda: kinds.get(kind).spec(**options), param="gristmill")  # a bad option: 400, nothing stored
         stored = _found(lambda: files.info(settings, who.project, body.input_file_id), param="input_file_id")
         view = service.scoped(stored.project)
         admit = functools.partial(quotas.check_queued, settings, stored.project)  # 429 past the project's queue
         batch_id = _within(lambda: _found(lambda: view.submit(
             files.content(settings, stored.project, stored.id), name=stored.id, task=kind, metadata=body.metadata,
-            endpoint=body.endpoint, record_invalid=True, request_key=request_key, admit=admit, **options)))
+            endpoint=body.endpoint, record_invalid=True, request_key=request_key, admit=admit,
+            priority=body.priority, **options)))
         return _batch(view.status(batch_id))
 
     @app.get("/v1/batches")
@@ -365,7 +369,7 @@ def _batch(info: BatchObject) -> dict[str, Any]:
         "created_at": info.created_at, "in_progress_at": info.in_progress_at, "expires_at": info.expires_at,
         "finalizing_at": info.finalizing_at, "completed_at": info.completed_at, "failed_at": info.failed_at,
         "expired_at": info.expired_at, "cancelling_at": info.cancelling_at, "cancelled_at": info.cancelled_at,
-        "request_counts": counts.model_dump(), "metadata": info.metadata or None,
+        "request_counts": counts.model_dump(), "metadata": info.metadata or None, "priority": info.priority,
     }
 
 

@@ -98,7 +98,8 @@ class Scheduler:
     def _submit(self, schedule: Schedule, items: list[sources.SourceItem], cache: bool) -> str:
         lines = (json.dumps({"custom_id": i.id, "text": i.text}).encode() + b"\n" for i in items)
         return self.service.submit(lines, name=f"schedule {schedule.name}", task=schedule.kind, model=schedule.model,
-                                   metadata={"schedule": schedule.name}, cache=cache, **schedule.spec)
+                                   metadata={"schedule": schedule.name}, cache=cache, priority=schedule.priority,
+                                   **schedule.spec)
 
     def watermark(self, schedule: Schedule) -> datetime:
         """An SQL source reads rows since the last successful run's start, less its lag."""

@@ -35,8 +35,9 @@ from pydantic import (
 )
 
 from schema import kinds
-from schema.errors import InputError
+from schema.errors import ConfigError, InputError
 from schema.kinds.flags import spec_flags, split_list
+from schema.queue import parse_priority
 
 DEFAULT_FILE = "schedules.toml"
 _STRICT = ConfigDict(extra="forbid")
@@ -108,6 +109,7 @@ class Schedule(BaseModel):
     look_back_h: Annotated[float, Field(gt=0)] = 24  # slots older than this are never caught up
     deadline_min: Annotated[float, Field(gt=0)] | None = None  # a run unfinished this long after its slot is late
     enabled: bool = True
+    priority: str | int = "normal"  # of its batches: high, normal, low or 0-9 (schema.queue)
     # derived from `task` when loaded
     kind: str = ""
     model: str | None = None
@@ -118,6 +120,15 @@ class Schedule(BaseModel):
     def _cron(cls, value: str) -> str:
         if not croniter.is_valid(value) or len(value.split()) != 5:
             raise ValueError(f"{value!r} is not a 5-field cron expression (minute hour day month weekday)")
+        return value
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: str | int) -> str | int:
+        try:
+            parse_priority(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("timezone")

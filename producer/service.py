@@ -31,7 +31,7 @@ from schema.cache import keyer as cache_keyer
 from schema.db import get_sessionmaker, prepare_schema, seconds_between, utcnow
 from schema.errors import BatchNotFound, BatchStateError, InputError, NotServed
 from schema.jobs import parse_window
-from schema.queue import Queue
+from schema.queue import Queue, parse_priority
 from schema.settings import Settings, get_settings
 from schema.states import BatchStatus
 from schema.tables import Batch, EngineBatch, ScheduleRun
@@ -81,7 +81,8 @@ class Service:
     def submit(self, source: Source, *, name: str | None = None, task: str = "generate", model: str | None = None,
                metadata: dict[str, Any] | None = None, completion_window: str = "24h", check_workers: bool = True,
                endpoint: str | None = None, record_invalid: bool = False, request_key: str | None = None,
-               admit: Callable[[int], None] | None = None, cache: bool = True, **options: Any) -> str:
+               admit: Callable[[int], None] | None = None, cache: bool = True, priority: str | int = "normal",
+               **options: Any) -> str:
         """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
         (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
         InputError naming the source, line and field, and nothing is written; with `record_invalid`
@@ -90,10 +91,12 @@ class Service:
         (`gristmill run` brings its own worker). `request_key`: what find_request finds it by.
         `admit(n_items)`, called once the input is valid and before anything is stored, may refuse it
         by raising (a quota). `cache`: answer deterministic items from earlier identical requests
-        (schema.cache), with no engine."""
+        (schema.cache), with no engine. `priority`: high, normal, low or 0-9 (9 most urgent); workers take
+        chunks of more urgent batches first (schema.queue)."""
         kind = kinds.get(task)
         spec = kind.spec(**options)
         window_s = parse_window(completion_window)
+        level = parse_priority(priority)
         model = model or self.settings.model
         if check_workers:
             self._check_served(kind.name, model)
@@ -103,7 +106,7 @@ class Service:
         with get_sessionmaker(self.settings.database_url)() as session:
             spec, stored = kind.prepare(session, spec, model, utcnow())
         new = NewBatch(kind.name, model, self.project or "default", spec.model_dump(), name, metadata or {},
-                       window_s, request_key)
+                       window_s, request_key, level)
         try:
             with open_source(source, name) as stream:
                 items = kind.parse(stream, name, spec, limits)
@@ -123,7 +126,7 @@ class Service:
         key = cache_keyer(kind.name, kind.version, model, spec)
         keys = [key(item.request) for item in items] if cache else None
         store_batch(self.settings, batch_id, new, items, keys, stored)
-        enqueue(self.settings, self.queue, batch_id, model, kind.name)
+        enqueue(self.settings, self.queue, batch_id, model, kind.name, level)
         return batch_id
 
     def _check_served(self, kind: str, model: str) -> None:

@@ -21,7 +21,7 @@ from schema.db import db_clock, get_engine, get_sessionmaker, utcnow
 from schema.errors import BrokerError
 from schema.inputs import ParsedItem
 from schema.kinds.base import Stored
-from schema.queue import Queue, batched
+from schema.queue import DEFAULT_PRIORITY, Queue, batched
 from schema.settings import Settings, redact
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item
@@ -42,6 +42,7 @@ class NewBatch:
     metadata: dict[str, Any]
     window_s: int
     request_key: str | None = None  # see Batch.request_key
+    priority: int = DEFAULT_PRIORITY  # 0-9, 9 most urgent (schema.queue)
 
 
 def new_batch_id() -> str:
@@ -73,7 +74,7 @@ def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[Pa
             status=BatchStatus.in_progress, input_file=new.input_file, metadata_=new.metadata, errors=[],
             total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
             completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
-            created_at=now, in_progress_at=now, request_key=new.request_key,
+            created_at=now, in_progress_at=now, request_key=new.request_key, priority=new.priority,
         )
         rows = (_item_row(batch_id, item, now, key) for item, key in zip(items, keys, strict=True))
         for row in stored or []:
@@ -101,7 +102,7 @@ def store_invalid(settings: Settings, batch_id: str, new: NewBatch, endpoint: st
             status=BatchStatus.failed, input_file=new.input_file, metadata_=new.metadata, errors=errors, total=0,
             succeeded=0, failed=0, cancelled=0, expired=0, completion_window_s=new.window_s,
             expires_at=now + timedelta(seconds=new.window_s), created_at=now, failed_at=now,
-            request_key=new.request_key))
+            request_key=new.request_key, priority=new.priority))
 
 
 ITEM_COLUMNS = ("batch_id", "line", "custom_id", "endpoint", "request", "body", "status", "last_error",
@@ -130,7 +131,8 @@ def _copy_items(session: Session, rows: Iterator[dict[str, Any]]) -> None:
             copy.write_row([row[column] for column in ITEM_COLUMNS])
 
 
-def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str, kind: str) -> None:
+def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str, kind: str,
+            priority: int = DEFAULT_PRIORITY) -> None:
     """Send one task per chunk of queued item ids; SQL already holds everything, the broker only delivers."""
     make_session = get_sessionmaker(settings.database_url)
     with make_session() as session:
@@ -138,7 +140,7 @@ def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str, kind: s
             select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued).order_by(Item.line)
         ).all()
     try:
-        queue.send_chunks(batch_id, model, kind, list(ids))
+        queue.send_chunks(batch_id, model, kind, list(ids), priority)
     except Exception as exc:  # kombu raises many kinds; all mean "not delivered"
         _mark_failed(settings, batch_id, f"could not enqueue on {redact(settings.broker_url)}: {type(exc).__name__}")
         raise BrokerError(f"batch {batch_id} was stored but could not be enqueued on "

@@ -23,6 +23,7 @@ class BatchObject(BaseModel):
     object: Literal["batch"] = "batch"
     endpoint: str
     kind: str = "generate"  # gristmill's task kind (schema.kinds), an extension OpenAI clients ignore
+    priority: int = 5  # gristmill's: 0-9, 9 most urgent (schema.queue)
     model: str
     input_file: str | None
     completion_window: str
@@ -49,7 +50,7 @@ class BatchObject(BaseModel):
     def from_row(cls, row: Batch, now: Any) -> BatchObject:
         end = row.completed_at or row.failed_at or row.expired_at or row.cancelled_at or now
         return cls(
-            id=row.id, endpoint=row.endpoint, kind=row.kind, model=row.model, input_file=row.input_file, status=row.status,
+            id=row.id, endpoint=row.endpoint, kind=row.kind, priority=row.priority, model=row.model, input_file=row.input_file, status=row.status,
             errors=list(row.errors or []), metadata=dict(row.metadata_ or {}),
             request_counts=RequestCounts(total=row.total, completed=row.succeeded, failed=row.failed,
                                          cached=row.cached or 0),

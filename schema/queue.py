@@ -19,10 +19,36 @@ from celery import Celery
 from kombu import Connection
 
 from schema import workers
+from schema.errors import ConfigError
 from schema.settings import EMBEDDED_BROKER, Settings
 
 RUN_CHUNK = "gristmill.run_chunk"
 FALLBACK_CHUNK_SIZE = 64  # before any worker of the model has reported its engine's capacity
+
+# Priorities: a batch's level, 0 (lowest) to 9 (most urgent); the names are the usual three. Redis keeps
+# a list per level for each queue (kombu's priority_steps) and workers read the most urgent list first.
+PRIORITIES = {"low": 2, "normal": 5, "high": 8}
+DEFAULT_PRIORITY = PRIORITIES["normal"]
+# A batch's first chunks go at its level, the rest one level lower: a small batch submitted behind a
+# huge one of the same priority starts after the chunks already running, not after the huge one. The
+# names are 3 levels apart, so a demoted chunk never passes the next name down.
+FULL_PRIORITY_CHUNKS = 4
+PRIORITY_SEP = "\x06\x16"  # kombu's: a queue's list for level L is queue + PRIORITY_SEP + str(9 - L)
+
+
+def parse_priority(value: str | int) -> int:
+    """`high`, `normal`, `low`, or a level 0-9 (9 most urgent)."""
+    level = PRIORITIES.get(str(value).strip().lower())
+    if level is None and str(value).strip().isdigit():
+        level = int(value)
+    if level is None or not 0 <= level <= 9:
+        raise ConfigError(f"priority must be high, normal, low or a level 0-9 (9 most urgent), not {value!r}")
+    return level
+
+
+def broker_lists(queue: str) -> list[str]:
+    """The Redis lists holding a queue's messages, one per priority level."""
+    return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in range(1, 10)]
 
 
 def queue_for(model: str, kind: str) -> str:
@@ -65,7 +91,8 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
         # unacked_restore_interval); throttle 1: at every look, not every tenth, or they come back up to
         # 100 s late.
         return settings.broker_url, {"visibility_timeout": settings.visibility_timeout_s,
-                                     "unacked_restore_throttle": 1, **REDIS_NETWORK_TIMEOUTS}
+                                     "unacked_restore_throttle": 1, "priority_steps": list(range(10)),
+                                     "sep": PRIORITY_SEP, **REDIS_NETWORK_TIMEOUTS}
     folder = settings.broker_folder.resolve()
     options = {
         "data_folder_in": str(folder / "queue"),
@@ -128,18 +155,23 @@ class Queue:
         url, options = broker_options(self.settings)
         return self.app.connection_for_write(url, transport_options=options)  # type: ignore[no-any-return]
 
-    def send_chunks(self, batch_id: str, model: str, kind: str, item_ids: list[int]) -> int:
+    def send_chunks(self, batch_id: str, model: str, kind: str, item_ids: list[int],
+                    priority: int = DEFAULT_PRIORITY) -> int:
         """One task per chunk of ids, sized for the model's engines; returns the number of messages sent.
         Raises what kombu raises."""
-        return self.send(batch_id, model, kind, batched(item_ids, chunk_size(self.settings, model)))
+        return self.send(batch_id, model, kind, batched(item_ids, chunk_size(self.settings, model)), priority)
 
-    def send(self, batch_id: str, model: str, kind: str, chunks: Iterable[list[int]]) -> int:
-        """One task per chunk as given (a split or a redelivery keeps its own cut)."""
+    def send(self, batch_id: str, model: str, kind: str, chunks: Iterable[list[int]],
+             priority: int = DEFAULT_PRIORITY) -> int:
+        """One task per chunk as given (a split or a redelivery keeps its own cut), the first
+        FULL_PRIORITY_CHUNKS at `priority` and the rest one level lower. (The embedded broker, one
+        process's, has no priorities: it delivers in order.)"""
         sent = 0
         with self.connection() as conn, conn.Producer() as producer:
             for chunk in chunks:
+                level = priority if sent < FULL_PRIORITY_CHUNKS else max(priority - 1, 0)
                 # A short argsrepr: Celery would otherwise repr every id into the message headers.
                 self.app.send_task(RUN_CHUNK, args=[batch_id, chunk], queue=queue_for(model, kind), producer=producer,
-                                   argsrepr=f"[{batch_id!r}, <{len(chunk)} item ids from {chunk[0]}>]")
+                                   priority=9 - level, argsrepr=f"[{batch_id!r}, <{len(chunk)} item ids from {chunk[0]}>]")
                 sent += 1
         return sent

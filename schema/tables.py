@@ -67,6 +67,7 @@ class Batch(Base):
     # create finds the batch its first attempt made instead of making a second
     request_key: Mapped[str | None] = mapped_column(String(128))
     cached: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # items answered from the cache
+    priority: Mapped[int] = mapped_column(Integer, default=5, server_default="5")  # 0-9, 9 most urgent (schema.queue)
 
 
 class Item(Base):

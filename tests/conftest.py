@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 
+from schema.queue import broker_lists
 from schema.settings import Settings
 
 PG_ADMIN = os.environ.get("GRISTMILL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -150,3 +151,8 @@ def gristmill(*args: str, settings: Settings, cwd: Path, timeout: float = 600,
     if check and proc.returncode != 0:
         raise AssertionError(f"gristmill {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def messages_waiting(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a queue: the sum over its Redis lists, one per priority level."""
+    return sum(int(client.llen(key)) for key in broker_lists(queue))  # type: ignore[arg-type]

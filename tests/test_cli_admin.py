@@ -24,10 +24,10 @@ from producer import api
 from schema import store
 from schema.db import MIGRATIONS, get_sessionmaker
 from schema.outputs import OutputLine
-from schema.queue import RUN_CHUNK, queue_for
+from schema.queue import RUN_CHUNK, broker_lists, queue_for
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
-from tests.conftest import cli_env, gristmill
+from tests.conftest import cli_env, gristmill, messages_waiting
 
 CHAT = {"method": "POST", "url": "/v1/chat/completions"}
 
@@ -191,7 +191,7 @@ def ids_in_redis(url: str, queue: str) -> dict[str, set[int]]:
     """Item ids the chunk messages waiting in a Redis queue carry, by batch (decoded here, not by gristmill)."""
     carried: dict[str, set[int]] = {}
     client = redis.Redis.from_url(url)
-    for raw in client.lrange(queue, 0, -1):
+    for raw in (m for key in broker_lists(queue) for m in client.lrange(key, 0, -1)):
         message = json.loads(raw)
         assert message["headers"]["task"] == RUN_CHUNK
         assert message["properties"]["body_encoding"] == "base64"
@@ -216,12 +216,12 @@ def test_reconcile_requeues_lost_messages(db_url: str, redis_url: str, settings_
     ids = [i.id for i in items_of(db_url, handle.id)]
     assert ids_in_redis(redis_url, queue) == {handle.id: set(ids)}
     client = redis.Redis.from_url(redis_url)
-    client.delete(queue)  # Redis restarted without persistence: the messages are gone
-    assert client.llen(queue) == 0
+    client.delete(*broker_lists(queue))  # Redis restarted without persistence: the messages are gone
+    assert messages_waiting(client, queue) == 0
 
     young = gristmill("reconcile", settings=settings, cwd=tmp_path)  # within the grace period: left alone
     assert "0 items requeued" in young.stderr
-    assert client.llen(queue) == 0
+    assert messages_waiting(client, queue) == 0
 
     age_items(db_url, handle.id, 120)
     with get_sessionmaker(db_url)() as session, session.begin():  # and a worker died holding two of them
@@ -230,13 +230,13 @@ def test_reconcile_requeues_lost_messages(db_url: str, redis_url: str, settings_
     proc = gristmill("reconcile", settings=settings, cwd=tmp_path)
     assert "0 batches expired, 2 dead leases returned, 10 items requeued" in proc.stderr
     assert ids_in_redis(redis_url, queue) == {handle.id: set(ids)}
-    assert client.llen(queue) == 3  # 2 returned leases in one chunk, 8 orphans in chunks of 4
+    assert messages_waiting(client, queue) == 3  # 2 returned leases in one chunk, 8 orphans in chunks of 4
     items = items_of(db_url, handle.id)
     assert all(i.status == ItemStatus.queued and i.lease_expires_at is None for i in items)
     assert [i.interrupted for i in items] == [True, True] + [False] * 8
 
     settled = gristmill("reconcile", settings=settings, cwd=tmp_path)  # the broker carries them all now
-    assert "0 items requeued" in settled.stderr and client.llen(queue) == 3
+    assert "0 items requeued" in settled.stderr and messages_waiting(client, queue) == 3
     client.close()
 
 

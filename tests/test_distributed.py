@@ -19,7 +19,7 @@ from schema.db import get_sessionmaker
 from schema.outputs import OutputLine
 from schema.queue import Queue, chunk_size, fitting_chunk_size, queue_for
 from schema.tables import Result, Worker
-from tests.conftest import REPO, cli_env, gristmill
+from tests.conftest import REPO, cli_env, gristmill, messages_waiting
 
 QUESTIONS = REPO / "examples" / "questions.jsonl"
 
@@ -103,6 +103,6 @@ def _redeliver_first_chunk(settings, batch_id: str, pg_url: str) -> None:  # typ
     Queue(settings).send(batch_id, settings.model, "generate", [ids])
     client = redis.Redis.from_url(settings.broker_url)
     deadline = time.monotonic() + 60
-    while client.llen(queue_for(settings.model, "generate")) or client.hlen("unacked"):
+    while messages_waiting(client, queue_for(settings.model, "generate")) or client.hlen("unacked"):
         assert time.monotonic() < deadline, "the duplicate chunk was never consumed"
         time.sleep(0.2)

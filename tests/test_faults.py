@@ -38,7 +38,7 @@ from schema.settings import Settings
 from schema.states import TERMINAL_ITEM, BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
 from schema.tables import Worker as WorkerRow
-from tests.conftest import PG_ADMIN, cli_env
+from tests.conftest import PG_ADMIN, cli_env, messages_waiting
 
 HOLDING = "tests.fault_engine:HoldingEngine"
 # A killed worker's items wait out their lease, the chunk time limit: 60 s, with two chunks of 8 in
@@ -346,12 +346,12 @@ def test_redis_restart(appendonly: bool, pg_url: str, settings_for, tmp_path: Pa
         handle = submit(settings, docs(tmp_path, 160))  # 20 chunks: most still wait in Redis at the restart
         wait_until(lambda: len(running_ids(settings, handle.id)) == 16, 120, "two chunks not running", group)
         broker = redis.Redis.from_url(server.url)
-        waiting = broker.llen(queue_for(settings.model, "generate"))
+        waiting = messages_waiting(broker, queue_for(settings.model, "generate"))
         server.stop()
         assert waiting > 0, "no message was waiting in Redis when it stopped"
         time.sleep(2)
         server.start()
-        kept = broker.llen(queue_for(settings.model, "generate"))  # before any worker could requeue (grace 3 s)
+        kept = messages_waiting(broker, queue_for(settings.model, "generate"))  # before any worker could requeue (grace 3 s)
         assert (kept > 0) == appendonly, (waiting, kept)
         open_gate(settings)
         assert handle.wait(timeout=300).status == BatchStatus.completed, group.logs()
@@ -436,7 +436,7 @@ def redeliver(settings: Settings, batch_id: str, item_ids: list[int]) -> None:
     """Send these items as one chunk again, as a redelivery would, and wait until it was consumed."""
     Queue(settings).send(batch_id, settings.model, "generate", [item_ids])
     client = redis.Redis.from_url(settings.broker_url)
-    wait_until(lambda: not client.llen(queue_for(settings.model, "generate")) and not client.hlen("unacked"), 60,
+    wait_until(lambda: not messages_waiting(client, queue_for(settings.model, "generate")) and not client.hlen("unacked"), 60,
                "the redelivered chunk was not consumed")
 
 

@@ -118,9 +118,13 @@ def test_a_batch_through_the_openai_client(stack, tmp_path: Path) -> None:  # ty
     uploaded = api.files.create(file=QUESTIONS.open("rb"), purpose="batch")
     assert uploaded.bytes == QUESTIONS.stat().st_size and uploaded.filename == "questions.jsonl"
     assert api.files.content(uploaded.id).content == QUESTIONS.read_bytes()
+    with pytest.raises(openai.BadRequestError, match="priority must be high, normal, low or a level 0-9"):
+        api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                           extra_body={"priority": "urgent"})
     batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                               completion_window="24h", metadata={"run": "nightly"})
+                               completion_window="24h", metadata={"run": "nightly"}, extra_body={"priority": "high"})
     assert batch.status == "in_progress" and batch.request_counts.total == 16  # type: ignore[union-attr]
+    assert batch.model_extra and batch.model_extra["priority"] == 8
     done = run_to_end(api, batch.id)
     assert done.status == "completed" and done.request_counts.completed == 16  # type: ignore[union-attr]
     assert done.metadata == {"run": "nightly"} and done.error_file_id is None and done.output_file_id

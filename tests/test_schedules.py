@@ -67,10 +67,11 @@ def execute(settings: Any, batch_id: str) -> int:
     ('task = { kind = "classify", labels = ["only"] }', "task", "at least two labels"),
     ('task = { kind = "sort" }', "task.kind", "use one of"),
     ('source = { sql = "SELECT 1" }', "source", "give url_env"),
+    ('priority = "urgent"', "priority", "priority must be high, normal, low or a level 0-9"),
 ])
 def test_a_bad_schedule_names_itself_and_the_field(tmp_path: Path, entry: str, field: str, message: str) -> None:
     table = {"cron": 'cron = "0 3 * * *"', "timezone": 'timezone = "UTC"', "task": 'task = { kind = "generate" }',
-             "source": 'source = { glob = "docs/*.txt" }'}
+             "source": 'source = { glob = "docs/*.txt" }', "priority": 'priority = "low"'}
     table[entry.split(" =")[0]] = entry
     path = schedules_file(tmp_path, '[[schedule]]\nname = "nightly"\n' + "\n".join(table.values()) + "\n")
     with pytest.raises(InputError) as bad:
@@ -257,7 +258,8 @@ def test_sql_source_watermark_and_sink(pg_url: str, settings_for, tmp_path: Path
 def test_schedule_commands(sqlite_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     write(tmp_path / "docs" / "a.txt", "hello")
     path = schedules_file(tmp_path, '[[schedule]]\nname = "digest"\ncron = "0 6 * * *"\ntimezone = "Europe/Berlin"\n'
-                                    'deadline_min = 1\nsource = { glob = "docs/*.txt" }\ntask = { kind = "generate" }\n')
+                                    'deadline_min = 1\nsource = { glob = "docs/*.txt" }\ntask = { kind = "generate" }\n'
+                                    'priority = 2\n')
     env = {**cli_env(settings_for(sqlite_url)), "GRISTMILL_SCHEDULES": str(path)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -276,7 +278,8 @@ def test_schedule_commands(sqlite_url: str, settings_for, tmp_path: Path) -> Non
     assert missing.returncode == 1 and "no schedule named 'nope'" in missing.stderr
     with get_sessionmaker(sqlite_url)() as session:
         assert session.query(ScheduleRun).count() == 1
-    assert json.loads(cli("status", "--json", ran.stdout.strip()).stdout)["request_counts"]["cached"] == 0
+    status = json.loads(cli("status", "--json", ran.stdout.strip()).stdout)
+    assert status["request_counts"]["cached"] == 0 and status["priority"] == 2
     env["GRISTMILL_ENGINE"] = "tests.fault_engine:HoldingEngine"  # the embedded defaults: it runs in process
     waited = cli("schedule", "run", "digest", "--force", "--wait")
     assert waited.returncode == 0 and "run succeeded; 1 items, 0 new, 0 changed" in waited.stderr, waited.stderr

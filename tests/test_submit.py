@@ -16,7 +16,7 @@ from schema.errors import InputError
 from schema.queue import queue_for
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item
-from tests.conftest import gristmill
+from tests.conftest import gristmill, messages_waiting
 
 CHAT = {"method": "POST", "url": "/v1/chat/completions"}
 
@@ -46,7 +46,7 @@ def count_rows(url: str) -> tuple[int, int]:
 
 def queued_messages(settings) -> int:  # type: ignore[no-untyped-def]
     if settings.broker_url.startswith("redis"):
-        return int(redis.Redis.from_url(settings.broker_url).llen(queue_for(settings.model, "generate")))
+        return messages_waiting(redis.Redis.from_url(settings.broker_url), queue_for(settings.model, "generate"))
     folder = settings.broker_folder / "queue"
     return len(list(folder.glob("*"))) if folder.exists() else 0
 

@@ -24,7 +24,7 @@ from schema.jobs import SamplingParams
 from schema.queue import queue_for
 from schema.settings import Settings
 from schema.states import BatchStatus
-from tests.conftest import gristmill
+from tests.conftest import gristmill, messages_waiting
 from tests.test_faults import FAST_RECOVERY, RedisServer, Workers, assert_consistent, wait_until
 
 NULL_ENGINE = "bench.null_engine:NullEngine"  # the engine is not the subject here
@@ -132,12 +132,12 @@ def test_batch_and_reconcile_over_tls(tls_redis: TlsRedisServer, pg_url: str, se
 
         # With no worker running, the second batch's 4 messages wait in Redis; then they are lost.
         second = submit(settings, docs(tmp_path, "second", 16))
-        assert client.llen(queue) == 4
+        assert messages_waiting(client, queue) == 4
         client.flushdb()
         time.sleep(FAST_RECOVERY["requeue_grace_s"] + 1)  # past the grace period: now they count as lost
         proc = gristmill("reconcile", settings=settings, cwd=tmp_path, timeout=120)
         assert "16 items requeued" in proc.stderr, proc.stderr
-        assert client.llen(queue) == 4, "reconcile did not send the lost chunks again"
+        assert messages_waiting(client, queue) == 4, "reconcile did not send the lost chunks again"
 
         group.start(NULL_ENGINE)
         assert second.wait(timeout=120).status == BatchStatus.completed, group.logs()

@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from schema import cache, kinds, store, windows
 from schema.db import is_disconnect, utcnow
 from schema.errors import ChunkTimeout, ErrorCode
+from schema.queue import DEFAULT_PRIORITY
 from schema.states import ItemStatus
 from schema.tables import Batch
 from worker import metrics
@@ -42,7 +44,7 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
     make_session = sessions(runtime)
     settings = runtime.settings
     with make_session() as session, session.begin():
-        kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id))
+        kind, priority = _route(session, batch_id)
         claimed = store.claim(session, batch_id, item_ids, runtime.host, settings.chunk_time_limit_s)
     if not claimed:  # a duplicate delivery, or the batch was cancelled: nothing to do
         return {"claimed": 0, "succeeded": 0, "failed": 0}
@@ -56,7 +58,7 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                 f"cannot run task kind {kind!r}", ErrorCode.unsupported)
         return {"claimed": len(claimed), "succeeded": 0, "failed": len(claimed)}
     if len(claimed) > 1 and any(c.interrupted for c in claimed):
-        return _split(runtime, batch_id, runner.kind, claimed)
+        return _split(runtime, batch_id, runner.kind, priority, claimed)
     if claimed[0].interrupted and claimed[0].attempts > settings.max_attempts:  # a poison item, alone
         give_up(runtime, batch_id, claimed[:1], f"gave up after {settings.max_attempts} attempts; "
                                                     f"last error: {claimed[0].last_error}",
@@ -78,7 +80,7 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                     batch_id, len(outcomes), exc, extra={"batch_id": batch_id, "worker": runtime.host})
         return {"claimed": len(claimed), "succeeded": 0, "failed": 0, "abandoned": len(outcomes)}
     if to_send:  # windows of long documents, and documents back from theirs
-        _send(runtime, batch_id, runner.kind, to_send)
+        _send(runtime, batch_id, runner.kind, priority, to_send)
     failed = sum(1 for o in outcomes if o.error)
     engine_s, write_s = (finished - started).total_seconds(), time.perf_counter() - written
     log.info("batch %s: chunk %s of %d items done (%d failed): engine %.2f s, write %.3f s", batch_id, chunk_id,
@@ -105,7 +107,13 @@ def _answer_from_cache(runtime: Runtime, batch_id: str, claimed: list[store.Clai
     return [c for c in claimed if c.id not in answered]
 
 
-def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claimed]) -> dict[str, int]:
+def _route(session: Session, batch_id: str) -> tuple[str, int]:
+    """The batch's task kind and priority (chunks this worker sends go at it)."""
+    row = session.execute(select(Batch.kind, Batch.priority).where(Batch.id == batch_id)).one_or_none()
+    return (row.kind, row.priority) if row is not None else ("", DEFAULT_PRIORITY)
+
+
+def _split(runtime: Runtime, batch_id: str, kind: str, priority: int, claimed: list[store.Claimed]) -> dict[str, int]:
     """Send the chunk again as two halves (this claim does not count as an attempt)."""
     ids = [c.id for c in claimed]
     with sessions(runtime)() as session, session.begin():
@@ -113,7 +121,7 @@ def _split(runtime: Runtime, batch_id: str, kind: str, claimed: list[store.Claim
     metrics.RETRIES.labels(kind, runtime.engine.model_name, "split").inc()
     half = len(ids) // 2
     model = runtime.engine.model_name  # the queues this worker consumes
-    runtime.queue.send(batch_id, model, kind, [ids[:half], ids[half:]])
+    runtime.queue.send(batch_id, model, kind, [ids[:half], ids[half:]], priority)
     log.warning("batch %s: split a chunk of %d items that failed before", batch_id, len(ids),
                 extra={"batch_id": batch_id, "worker": runtime.host, "items": len(ids)})
     return {"claimed": 0, "succeeded": 0, "failed": 0, "split": len(ids)}
@@ -129,7 +137,9 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
                                          engine_batch_id=eb_id, started=started, finished=finished)
         runner.stage(session, batch_id, succeeded, finished)  # the kind's own rows, if any
         share = (finished - started).total_seconds() / max(len(outcomes), 1)
-        cache.remember(session, [o.item.id for o in succeeded], runner.kind, engine, finished, share)
+        keyed = [o.item.id for o in succeeded if o.item.cache_key]  # none: the batch was submitted without the cache
+        if keyed:
+            cache.remember(session, keyed, runner.kind, engine, finished, share)
         to_send = windows.add(session, batch_id, [o for o in outcomes if o.windows is not None], finished)
         to_send += windows.documents_ready(session, batch_id, kinds.get(runner.kind),
                                            {o.item.parent_id for o in outcomes if o.item.parent_id}, finished)
@@ -163,11 +173,11 @@ def _with_retries(runtime: Runtime, write: Callable[[], T]) -> T:
             pause = min(2 * pause, pause_max)
 
 
-def _send(runtime: Runtime, batch_id: str, kind: str, item_ids: list[int]) -> None:
+def _send(runtime: Runtime, batch_id: str, kind: str, priority: int, item_ids: list[int]) -> None:
     """Send chunks of items this chunk made ready; they are queued in SQL, so if the broker is away the
     reconciler sends them later."""
     try:
-        runtime.queue.send_chunks(batch_id, runtime.engine.model_name, kind, item_ids)
+        runtime.queue.send_chunks(batch_id, runtime.engine.model_name, kind, item_ids, priority)
     except Exception as exc:  # noqa: BLE001  # kombu raises many kinds
         log.warning("batch %s: could not send %d items to the broker (%s); the reconciler will", batch_id,
                     len(item_ids), type(exc).__name__)
@@ -177,10 +187,10 @@ def give_up(runtime: Runtime, batch_id: str, claimed: list[store.Claimed], error
     """The claimed items fail with the error, so the batch can end."""
     with sessions(runtime)() as session, session.begin():
         documents = store.fail_claimed(session, batch_id, claimed, error, code)
-        kind = session.scalar(select(Batch.kind).where(Batch.id == batch_id)) or ""
+        kind, priority = _route(session, batch_id)
         ready = windows.documents_ready(session, batch_id, kinds.get(kind), set(documents),  # a window that failed
                                         utcnow()) if documents else []
         store.close_if_done(session, batch_id)
     if ready:
-        _send(runtime, batch_id, kind, ready)
+        _send(runtime, batch_id, kind, priority, ready)
     metrics.gave_up(kind, runtime.engine.model_name, len(claimed), code)

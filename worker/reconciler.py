@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from schema import store
 from schema.db import db_now, get_sessionmaker
 from schema.errors import ErrorCode
-from schema.queue import Queue, queue_for
+from schema.queue import Queue, broker_lists, queue_for
 from schema.settings import EMBEDDED_BROKER, Settings
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item
@@ -52,8 +52,8 @@ def reconcile(settings: Settings, queue: Queue) -> Report:
     report.leases_expired = sum(len(ids) for ids in dead.values())
     with make_session() as session:
         orphans = _queued_without_message(session, settings, exclude=dead)
-    for (batch_id, model, kind), ids in [*dead.items(), *orphans.items()]:
-        queue.send_chunks(batch_id, model, kind, ids)
+    for (batch_id, model, kind, priority), ids in [*dead.items(), *orphans.items()]:
+        queue.send_chunks(batch_id, model, kind, ids, priority)
         report.requeued += len(ids)
     if report.expired_batches or report.leases_expired or report.requeued:
         log.warning("reconciled: %s", report)
@@ -77,7 +77,7 @@ def expire_due(session: Session) -> list[str]:
     return due
 
 
-Route = tuple[str, str, str]  # (batch id, model, kind): where its items are sent
+Route = tuple[str, str, str, int]  # (batch id, model, kind, priority): where and how its items are sent
 
 
 def _return_dead_leases(session: Session) -> dict[Route, list[int]]:
@@ -87,8 +87,9 @@ def _return_dead_leases(session: Session) -> dict[Route, list[int]]:
         .values(status=ItemStatus.queued, lease_id=None, lease_expires_at=None, interrupted=True,
                 last_error="its worker stopped; queued again", error_code=ErrorCode.engine_error.value)
         .returning(Item.id, Item.batch_id).execution_options(synchronize_session=False)).all()
-    routes = {batch_id: (batch_id, model, kind) for batch_id, model, kind in session.execute(
-        select(Batch.id, Batch.model, Batch.kind).where(Batch.id.in_({b for _, b in returned})))} if returned else {}
+    batches = session.execute(select(Batch.id, Batch.model, Batch.kind, Batch.priority)
+                              .where(Batch.id.in_({b for _, b in returned}))).all() if returned else []
+    routes = {b: (b, m, k, p) for b, m, k, p in batches}
     by_batch: dict[Route, list[int]] = {}
     for item_id, batch_id in returned:
         by_batch.setdefault(routes[batch_id], []).append(item_id)
@@ -107,13 +108,13 @@ def _queued_without_message(session: Session, settings: Settings,
     if waiting_count <= len(carried):
         return {}
     rows = session.execute(
-        select(Item.id, Item.batch_id, Batch.model, Batch.kind).join(Batch, Batch.id == Item.batch_id)
+        select(Item.id, Item.batch_id, Batch.model, Batch.kind, Batch.priority).join(Batch, Batch.id == Item.batch_id)
         .where(waiting).order_by(Item.batch_id, Item.line)).all()
     carried.update(i for ids in exclude.values() for i in ids)
     orphans: dict[Route, list[int]] = {}
-    for item_id, batch_id, model, kind in rows:
+    for item_id, batch_id, model, kind, priority in rows:
         if item_id not in carried:
-            orphans.setdefault((batch_id, model, kind), []).append(item_id)
+            orphans.setdefault((batch_id, model, kind, priority), []).append(item_id)
     return orphans
 
 
@@ -124,7 +125,7 @@ def ids_in_broker(settings: Settings, queues: set[str]) -> set[int]:
         messages = [p.read_bytes() for p in Path(folder).glob("*.msg")] if folder.exists() else []
     else:
         client = redis.Redis.from_url(settings.broker_url)
-        messages = [m for q in queues for m in client.lrange(q, 0, -1)]  # type: ignore[misc]
+        messages = [m for q in queues for key in broker_lists(q) for m in client.lrange(key, 0, -1)]  # type: ignore[misc]
         messages += [json.dumps(json.loads(v)[0]).encode() for v in client.hvals("unacked")]
     ids: set[int] = set()
     for raw in messages:
