@@ -22,11 +22,12 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import LargeBinary, func, insert, select, update
+from sqlalchemy import LargeBinary, String, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from schema.db import among
 from schema.models import resolve_model
 from schema.states import ItemStatus
 from schema.tables import Batch, CachedResult, Classification, Embedding, Item, Result
@@ -75,9 +76,9 @@ def model_revision(model: str) -> str:
 def lookup(session: Session, keys: Iterable[str]) -> dict[str, CachedResult]:
     wanted = list(set(keys))
     found: dict[str, CachedResult] = {}
-    for start in range(0, len(wanted), 5000):  # bounded IN lists
+    for start in range(0, len(wanted), 5000):  # bounded IN lists (SQLite)
         found.update({c.key: c for c in session.scalars(select(CachedResult).where(
-            CachedResult.key.in_(wanted[start:start + 5000])))})
+            among(session, CachedResult.key, wanted[start:start + 5000], String)))})
     return found
 
 
