@@ -32,6 +32,7 @@ from schema.db import get_sessionmaker, prepare_schema, seconds_between, utcnow
 from schema.errors import BatchNotFound, BatchStateError, InputError, NotServed
 from schema.jobs import parse_window
 from schema.queue import Queue, parse_priority
+from schema.reading import ParsedItem
 from schema.settings import Settings, get_settings
 from schema.states import BatchStatus
 from schema.tables import Batch, EngineBatch, ScheduleRun
@@ -107,12 +108,11 @@ class Service:
             spec, stored = kind.prepare(session, spec, model, utcnow())
         new = NewBatch(kind.name, model, self.project or "default", spec.model_dump(), name, metadata or {},
                        window_s, request_key, level)
-        try:
+        key = cache_keyer(kind.name, kind.version, model, spec) if cache else None
+        try:  # stored as it is read, in one transaction: a bad line anywhere stores nothing
             with open_source(source, name) as stream:
                 items = kind.parse(stream, name, spec, limits)
-            if endpoint is not None and items[0].endpoint != endpoint:
-                raise InputError(name, items[0].line, "url", f"url {items[0].endpoint!r} differs from the batch's "
-                                                             f"endpoint {endpoint!r}")
+                store_batch(self.settings, batch_id, new, _for_endpoint(items, endpoint, name), key, stored, admit)
         except OSError as exc:  # a file that cannot be read (InputError is no OSError)
             raise InputError(name, None, None, f"cannot read file: {exc.strerror or exc}") from exc
         except InputError as exc:
@@ -121,11 +121,6 @@ class Service:
             error = {"code": "invalid_request", "message": exc.message, "param": exc.field, "line": exc.line}
             store_invalid(self.settings, batch_id, new, endpoint or "", [error])
             return batch_id
-        if admit is not None:
-            admit(len(items))
-        key = cache_keyer(kind.name, kind.version, model, spec)
-        keys = [key(item.request) for item in items] if cache else None
-        store_batch(self.settings, batch_id, new, items, keys, stored)
         enqueue(self.settings, self.queue, batch_id, model, kind.name, level)
         return batch_id
 
@@ -235,6 +230,15 @@ class Service:
         if batch is None or (self.project is not None and batch.project != self.project):  # not found, not forbidden
             raise BatchNotFound(f"no batch with id {batch_id!r}")
         return batch
+
+
+def _for_endpoint(items: Iterator[ParsedItem], endpoint: str | None, name: str) -> Iterator[ParsedItem]:
+    """The items, refused at the first whose url is not `endpoint` (when given)."""
+    for item in items:
+        if endpoint is not None and item.endpoint != endpoint:
+            raise InputError(name, item.line, "url", f"url {item.endpoint!r} differs from the batch's endpoint "
+                                                     f"{endpoint!r}")
+        yield item
 
 
 class open_source:  # used as a context manager, like open()

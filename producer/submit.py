@@ -6,14 +6,16 @@ not be enqueued is marked failed, and the reconciler re-sends what the broker lo
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
 from schema import cache, store
@@ -60,35 +62,53 @@ def refresh_planner_stats(settings: Settings, n_items: int) -> None:
             conn.commit()
 
 
-def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: list[ParsedItem],
-                keys: list[str | None] | None = None, stored: list[Stored] | None = None) -> int:
-    """The batch row and every item row, in one transaction (PostgreSQL: COPY), with the rows the kind
-    stores beside them (Kind.prepare); `keys`: each item's cache key (schema.cache), and items whose key
-    has a cached answer are stored answered. Returns how many were."""
-    keys = keys or [None] * len(items)
+def store_batch(settings: Settings, batch_id: str, new: NewBatch, items: Iterator[ParsedItem],
+                key: Callable[[Any], str | None] | None = None, stored: list[Stored] | None = None,
+                admit: Callable[[int], None] | None = None) -> int:
+    """The batch row and every item row as `items` are read, in one transaction (PostgreSQL: COPY), with
+    the rows the kind stores beside them (Kind.prepare): an InputError from a line, or `admit(n_items)`
+    refusing them at the end (a quota), stores nothing, and memory holds no more than a line's items.
+    `key(request)`: each item's cache key (schema.cache), and items whose key has a cached answer are
+    stored answered. Returns how many were."""
+    if get_engine(settings.database_url).dialect.name == "sqlite":
+        # SQLite has one writer at a time: read the whole input before taking the lock, so workers'
+        # writes do not wait for the parsing (an SQLite database is one host's, batches are smaller).
+        items = iter(list(items))
     with get_sessionmaker(settings.database_url)() as session, session.begin():
         now = db_clock(session)  # the clock the reconciler judges the completion window by
+        head = next(items)  # an empty input raised InputError already
         batch = Batch(
-            id=batch_id, kind=new.kind, project=new.project, endpoint=items[0].endpoint, model=new.model,
+            id=batch_id, kind=new.kind, project=new.project, endpoint=head.endpoint, model=new.model,
             params=new.params,
             status=BatchStatus.in_progress, input_file=new.input_file, metadata_=new.metadata, errors=[],
-            total=len(items), succeeded=0, failed=sum(1 for i in items if i.error), cancelled=0,
+            total=0, succeeded=0, failed=0, cancelled=0,
             completion_window_s=new.window_s, expires_at=now + timedelta(seconds=new.window_s), expired=0,
             created_at=now, in_progress_at=now, request_key=new.request_key, priority=new.priority,
         )
-        rows = (_item_row(batch_id, item, now, key) for item, key in zip(items, keys, strict=True))
         for row in stored or []:
             store.insert_ignore(session, row.table, [row.row], key=row.key)
         session.add(batch)
         session.flush()
+        counted = Counter[str]()
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for item in itertools.chain([head], items):
+                counted["total"] += 1
+                counted["failed"] += item.error is not None
+                yield _item_row(batch_id, item, now, key(item.request) if key and item.error is None else None)
+
         if session.get_bind().dialect.name == "postgresql":
-            _copy_items(session, rows)
+            _copy_items(session, rows())
         else:
-            for chunk in batched(rows, INSERT_ROWS_PER_STATEMENT):
+            for chunk in batched(rows(), INSERT_ROWS_PER_STATEMENT):
                 session.execute(insert(Item), chunk)  # executemany: a few statements, not one per item
-        hits = len(cache.answer(session, batch_id, [k for k, item in zip(keys, items, strict=True)
-                                                    if k is not None and item.error is None], ItemStatus.queued, now))
-    refresh_planner_stats(settings, len(items))
+        if admit is not None:
+            admit(counted["total"])
+        session.execute(update(Batch).where(Batch.id == batch_id).values(total=counted["total"],
+                                                                         failed=counted["failed"]))
+        hits = len(cache.answer(session, batch_id, cache.keys_answered(session, batch_id), ItemStatus.queued,
+                                now)) if key else 0
+    refresh_planner_stats(settings, counted["total"])
     return hits
 
 
@@ -135,12 +155,11 @@ def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str, kind: s
             priority: int = DEFAULT_PRIORITY) -> None:
     """Send one task per chunk of queued item ids; SQL already holds everything, the broker only delivers."""
     make_session = get_sessionmaker(settings.database_url)
-    with make_session() as session:
-        ids = session.scalars(
-            select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued).order_by(Item.line)
-        ).all()
     try:
-        queue.send_chunks(batch_id, model, kind, list(ids), priority)
+        with make_session() as session:  # the ids streamed from SQL (a server-side cursor on PostgreSQL)
+            ids = session.scalars(select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.queued)
+                                  .order_by(Item.line).execution_options(yield_per=10_000))
+            queue.send_chunks(batch_id, model, kind, ids, priority)
     except Exception as exc:  # kombu raises many kinds; all mean "not delivered"
         _mark_failed(settings, batch_id, f"could not enqueue on {redact(settings.broker_url)}: {type(exc).__name__}")
         raise BrokerError(f"batch {batch_id} was stored but could not be enqueued on "

@@ -11,6 +11,7 @@ model, stream, n > 1) is not a file error: its ParsedItem carries `error` and th
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -66,35 +67,42 @@ def parse_input_stream(stream: BinaryIO, name: str, *, defaults: SamplingParams,
                        max_line_bytes: int, max_items: int,
                        system_prompt: str | None = None) -> list[ParsedItem]:
     """Parse and validate a binary stream of JSONL; one ParsedItem per non-blank line, in file order.
+    Raises InputError for the first invalid line, for more than `max_items` requests, or for no requests."""
+    return list(iter_input_stream(stream, name, defaults=defaults, served_model=served_model,
+                                  max_line_bytes=max_line_bytes, max_items=max_items, system_prompt=system_prompt))
 
-    Raises InputError for the first invalid line, for more than `max_items` requests, or for no requests.
-    Memory use is bounded by one line (`max_line_bytes`) plus the parsed items.
-    """
+
+def iter_input_stream(stream: BinaryIO, name: str, *, defaults: SamplingParams, served_model: str,
+                      max_line_bytes: int, max_items: int, system_prompt: str | None = None) -> Iterator[ParsedItem]:
+    """parse_input_stream's items as they are read: memory holds one line and the custom_ids seen, and
+    an InputError comes when its line is reached (a submission stores as it reads, in one transaction)."""
     job = _Job(name, defaults, served_model, system_prompt)
-    items: list[ParsedItem] = []
+    read = 0
+    head: ParsedItem | None = None  # the first item: its format and endpoint are the file's
     first_line: dict[str, int] = {}  # custom_id -> line it first appeared on
     fmt: Format | None = None
     for lineno, raw in read_lines(stream, name, max_line_bytes):
         if not raw.strip():
             continue
-        if len(items) == max_items:
+        if read == max_items:
             raise InputError(name, lineno, None, f"file has more than {max_items} requests; the limit is "
                                                  f"{max_items}")
         obj = decode_line(raw, name, lineno)
         fmt = fmt or ("openai" if _is_openai(obj) else "simple")
-        _check_format(obj, fmt, name, lineno, items[0].line if items else lineno)
+        _check_format(obj, fmt, name, lineno, head.line if head else lineno)
         item = _parse_openai(obj, lineno, job) if fmt == "openai" else _parse_simple(obj, lineno, job)
-        if items and item.endpoint != items[0].endpoint:  # as in OpenAI: a batch has one endpoint
-            raise InputError(name, lineno, "url", f"url {item.endpoint!r} differs from {items[0].endpoint!r} "
-                                                  f"on line {items[0].line}; one file holds one endpoint")
+        head = head or item
+        if item.endpoint != head.endpoint:  # as in OpenAI: a batch has one endpoint
+            raise InputError(name, lineno, "url", f"url {item.endpoint!r} differs from {head.endpoint!r} "
+                                                  f"on line {head.line}; one file holds one endpoint")
         first = first_line.setdefault(item.custom_id, lineno)
         if first != lineno:
             raise InputError(name, lineno, "custom_id",
                              f"duplicate custom_id {item.custom_id!r}; first used on line {first}")
-        items.append(item)
-    if not items:
+        read += 1
+        yield item
+    if not read:
         raise InputError(name, None, None, "file has no requests")
-    return items
 
 
 def _is_openai(obj: dict[str, Any]) -> bool:

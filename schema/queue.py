@@ -155,7 +155,7 @@ class Queue:
         url, options = broker_options(self.settings)
         return self.app.connection_for_write(url, transport_options=options)  # type: ignore[no-any-return]
 
-    def send_chunks(self, batch_id: str, model: str, kind: str, item_ids: list[int],
+    def send_chunks(self, batch_id: str, model: str, kind: str, item_ids: Iterable[int],
                     priority: int = DEFAULT_PRIORITY) -> int:
         """One task per chunk of ids, sized for the model's engines; returns the number of messages sent.
         Raises what kombu raises."""

@@ -37,25 +37,26 @@ class ParsedItem:
 
 
 def read_items(stream: BinaryIO, name: str, max_line_bytes: int, max_items: int,
-               make_item: Callable[[dict[str, Any], int], ParsedItem]) -> list[ParsedItem]:
-    """Every non-blank line decoded and made into an item by `make_item(obj, line)`; InputError for the
-    first bad line, a duplicate custom_id, more than `max_items` items, or none."""
-    items: list[ParsedItem] = []
+               make_item: Callable[[dict[str, Any], int], ParsedItem]) -> Iterator[ParsedItem]:
+    """Every non-blank line decoded and made into an item by `make_item(obj, line)`, as it is read;
+    InputError when a bad line, a duplicate custom_id or the item past `max_items` is reached, or at
+    the end when there was none. (A caller that stores while it reads does so in one transaction.)"""
+    count = 0
     first: dict[str, int] = {}  # custom_id -> line it first appeared on
     for lineno, raw in read_lines(stream, name, max_line_bytes):
         if not raw.strip():
             continue
-        if len(items) == max_items:
+        if count == max_items:
             raise InputError(name, lineno, None, f"file has more than {max_items} requests; the limit is {max_items}")
         item = make_item(decode_line(raw, name, lineno), lineno)
         seen = first.setdefault(item.custom_id, lineno)
         if seen != lineno:
             raise InputError(name, lineno, "custom_id", f"duplicate custom_id {item.custom_id!r}; first used on "
                                                         f"line {seen}")
-        items.append(item)
-    if not items:
+        count += 1
+        yield item
+    if not count:
         raise InputError(name, None, None, "file has no requests")
-    return items
 
 
 # --- reading and decoding -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def classify_spec(labels: list[str] | None, **options: Any) -> ClassifySpec:
 
 def parse_classify_input(path: Path, spec: ClassifySpec, **limits: Any) -> list[Any]:
     with open(path, "rb") as stream:
-        return parse_classify_stream(stream, str(path), spec, **limits)
+        return list(parse_classify_stream(stream, str(path), spec, **limits))
 
 
 # --- labels --------------------------------------------------------------------------------------

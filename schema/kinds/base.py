@@ -73,8 +73,9 @@ class Kind(ABC):
             raise InputError(field, None, None, message) from None
 
     @abstractmethod
-    def parse(self, stream: BinaryIO, name: str, spec: Any, limits: Limits) -> list[ParsedItem]:
-        """Every line of the stream as a ParsedItem; InputError (name:line: field) for the first bad line."""
+    def parse(self, stream: BinaryIO, name: str, spec: Any, limits: Limits) -> Iterator[ParsedItem]:
+        """Every line of the stream as a ParsedItem, as it is read; InputError (name:line: field) when
+        the first bad line is reached (schema.reading.read_items)."""
 
     @abstractmethod
     def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:

@@ -242,8 +242,8 @@ class ClassifyLine(BaseModel):
 
 
 def parse_classify_stream(stream: BinaryIO, name: str, spec: ClassifySpec, *, max_line_bytes: int,
-                          max_items: int, head_labels: list[str] | None = None) -> list[ParsedItem]:
-    """Every line as a ParsedItem of a ClassifyRequest; InputError for the first bad line.
+                          max_items: int, head_labels: list[str] | None = None) -> Iterator[ParsedItem]:
+    """Every line as a ParsedItem of a ClassifyRequest, as it is read; InputError for the first bad line.
 
     `head_labels`: the labels of a classification-head model, when the model is one; lines may then
     omit labels, and labels they give must be the model's.
@@ -319,7 +319,7 @@ class Classify(Kind):
     summary = "a label and its probabilities per line {custom_id|id, text, labels?}"
     file_flags: ClassVar[FileFlags] = {"labels": load_labels_file}
 
-    def parse(self, stream: BinaryIO, name: str, spec: ClassifySpec, limits: Limits) -> list[ParsedItem]:
+    def parse(self, stream: BinaryIO, name: str, spec: ClassifySpec, limits: Limits) -> Iterator[ParsedItem]:
         head = model_head_labels(limits.model)  # a classification model visible here brings its own labels
         return parse_classify_stream(stream, name, spec, max_line_bytes=limits.max_line_bytes,
                                      max_items=limits.max_items, head_labels=head)

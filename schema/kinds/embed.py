@@ -113,7 +113,7 @@ class Embed(Kind):
     spec_model = EmbedSpec
     summary = "a vector per text (OpenAI /v1/embeddings lines, or simple {custom_id|id, text})"
 
-    def parse(self, stream: BinaryIO, name: str, spec: EmbedSpec, limits: Limits) -> list[ParsedItem]:
+    def parse(self, stream: BinaryIO, name: str, spec: EmbedSpec, limits: Limits) -> Iterator[ParsedItem]:
         openai: list[bool] = []  # the first line's format is the file's
 
         def make_item(obj: dict[str, Any], lineno: int) -> ParsedItem:

@@ -18,7 +18,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from schema.errors import InputError
-from schema.inputs import ParsedItem, parse_input_stream
+from schema.inputs import ParsedItem, iter_input_stream
 from schema.jobs import ResponseFormat, SamplingParams, Windowing
 from schema.kinds import generate
 from schema.kinds.base import Kind, Limits, error_code
@@ -61,16 +61,17 @@ class Extract(Kind):
     spec_model = ExtractSpec
     summary = "a JSON object per line {custom_id|id, text}, matching --schema"
 
-    def parse(self, stream: BinaryIO, name: str, spec: ExtractSpec, limits: Limits) -> list[ParsedItem]:
+    def parse(self, stream: BinaryIO, name: str, spec: ExtractSpec, limits: Limits) -> Iterator[ParsedItem]:
         fmt = ResponseFormat(type="json_schema", json_schema=spec.json_schema, name="extraction")
         sampling = spec.sampling.model_copy(update={"response_format": fmt})
-        items = generate.with_windowing(parse_input_stream(
+        items = generate.with_windowing(iter_input_stream(
             stream, name, defaults=sampling, served_model=limits.model, max_line_bytes=limits.max_line_bytes,
             max_items=limits.max_items, system_prompt=spec.system_prompt()), spec.long)
-        if "text" not in items[0].body:  # an OpenAI line: its body carries a request of its own
-            raise InputError(name, items[0].line, None, "extraction takes simple lines {custom_id|id, text}; send "
+        for item in items:
+            if "text" not in item.body:  # an OpenAI line: its body carries a request of its own
+                raise InputError(name, item.line, None, "extraction takes simple lines {custom_id|id, text}; send "
                                                         "OpenAI lines with a response_format with --task generate")
-        return items
+            yield item
 
     def rows(self, session: Session, batch: Batch) -> Iterator[Row[Any]]:
         return generate.KIND.rows(session, batch)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from schema import windows
 from schema.db import epoch
-from schema.inputs import ParsedItem, parse_input_stream
+from schema.inputs import ParsedItem, iter_input_stream
 from schema.jobs import GenerationRequest, SamplingParams, Windowing
 from schema.kinds.base import ERROR_CODES, Kind, Limits, error_code
 from schema.outputs import OutputLine, error_line, success_line
@@ -43,8 +43,8 @@ class Generate(Kind):
     spec_model = GenerateSpec
     summary = "a completion per line (OpenAI batch lines, or simple {custom_id|id, text})"
 
-    def parse(self, stream: BinaryIO, name: str, spec: GenerateSpec, limits: Limits) -> list[ParsedItem]:
-        items = parse_input_stream(stream, name, defaults=spec.sampling, served_model=limits.model,
+    def parse(self, stream: BinaryIO, name: str, spec: GenerateSpec, limits: Limits) -> Iterator[ParsedItem]:
+        items = iter_input_stream(stream, name, defaults=spec.sampling, served_model=limits.model,
                                    max_line_bytes=limits.max_line_bytes, max_items=limits.max_items,
                                    system_prompt=spec.system_prompt)
         return with_windowing(items, spec.long)
@@ -97,12 +97,12 @@ class Generate(Kind):
         }
 
 
-def with_windowing(items: list[ParsedItem], windowing: Windowing) -> list[ParsedItem]:
+def with_windowing(items: Iterator[ParsedItem], windowing: Windowing) -> Iterator[ParsedItem]:
     """The items' requests with the batch's map-reduce settings (unchanged when long documents fail)."""
     if windowing.long_documents == "fail":
         return items
-    return [dataclasses.replace(item, request=GenerationRequest.model_validate(item.request).with_windowing(windowing))
-            for item in items]
+    return (dataclasses.replace(item, request=GenerationRequest.model_validate(item.request).with_windowing(windowing))
+            for item in items)
 
 
 KIND = Generate()
