@@ -1,7 +1,8 @@
 """The pipeline's own cost: 100,000 items through Redis + PostgreSQL with an engine that does no inference.
 
 Reports items/s for submission (parse, validate, insert, enqueue) and for execution (first item started
-to last item finished, from SQL), and the worker's peak RSS and RSS growth over the run. With
+to last item finished, from SQL), and the worker's peak RSS and RSS growth over the run; then the peak
+RSS of `gristmill submit` and `gristmill results` processes on the same file and batch. With
 `--workers N` it runs the batch again with N worker processes on the same queue and reports the
 execution rate's ratio to one worker's, measured in the same run.
     python -m bench.overhead [--items N] [--workers N] [--json PATH]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -22,7 +24,7 @@ from typing import Any
 import psutil
 from sqlalchemy import func, select
 
-from bench.services import fresh_services, worker_process
+from bench.services import REPO, env_for, fresh_services, worker_process
 from producer import api
 from schema.db import get_sessionmaker, seconds_between
 from schema.tables import Item
@@ -45,6 +47,20 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(0.05):
             self.samples.append(self.rss_mb())
+
+
+def cli_peak_rss_mb(settings: Any, *args: str) -> float:
+    """Peak RSS of a `gristmill` command run to its end (its whole process tree, sampled every 50 ms)."""
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=env_for(settings), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = RssSampler(proc.pid)
+    sampler.start()
+    _, err = proc.communicate()
+    sampler.stopped.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"gristmill {' '.join(args)} failed: {err.decode()[-2000:]}")
+    return max(sampler.samples, default=float("nan"))
 
 
 def write_items(path: Path, n: int) -> Path:
@@ -75,11 +91,15 @@ def measure(n: int, workdir: Path, workers: int = 1) -> dict[str, Any]:
                                           .where(Item.batch_id == handle.id)).one()
         execute_s = seconds_between(first, last) or float("nan")
         info = handle.status()
+        export_rss = cli_peak_rss_mb(settings, "results", handle.id, "-o", str(workdir / "out.jsonl"))
+        # The same file again, for a model no worker serves: it stays queued, only the submission is measured.
+        submit_rss = cli_peak_rss_mb(settings, "submit", str(path), "--model", "nobody-serves-this", "--no-cache")
     return {
         "items": n, "workers": workers, "succeeded": info.request_counts.completed, "submit_s": submit_s, "execute_s": execute_s,
         "submit_items_per_s": n / submit_s, "execute_items_per_s": n / execute_s,
         "worker_rss_start_mb": rss_start, "worker_rss_peak_mb": max(sampler.samples, default=rss_end),
         "worker_rss_end_mb": rss_end, "worker_rss_growth_mb": rss_end - rss_start,
+        "submit_peak_rss_mb": submit_rss, "export_peak_rss_mb": export_rss,
     }
 
 
@@ -104,6 +124,8 @@ def main() -> None:
         print(f"{key:<24} {report[key]:>12.2f} {'>= 1.6' if key.startswith('scale_') else '':>10}")
     print(f"{'worker_rss_peak_mb':<24} {report['worker_rss_peak_mb']:>12.1f}")
     print(f"{'worker_rss_growth_mb':<24} {report['worker_rss_growth_mb']:>12.1f} {'<= 50':>10}")
+    for key in ("submit_peak_rss_mb", "export_peak_rss_mb"):
+        print(f"{key:<24} {report[key]:>12.1f} {'<= 300':>10}")
     print(f"succeeded {report['succeeded']}/{report['items']}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
