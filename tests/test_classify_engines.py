@@ -47,6 +47,10 @@ REVIEWS = [  # (text, gold) from shared/data/amazon_sentiment.tsv
 ]
 # Probabilities from the two engines may differ this much: both run bf16, with different kernels.
 TOLERANCE = 0.06
+# Few-shot prompts are 3x longer, and bf16's rounding adds up: measured 0.060 on a CPU with AVX-512 BF16
+# and no AMX (the tests' machines differ in that).
+FEW_SHOT_TOLERANCE = 0.09
+ENSEMBLE_TOLERANCE = 0.04  # one engine, the same prompts batched differently
 
 
 def reviews(**spec: Any) -> list[ClassifyRequest]:
@@ -162,14 +166,14 @@ def answer_of(result: ClassifyResult) -> Classification:
     return result.classification
 
 
-def assert_same(first: list[Any], second: list[Any]) -> None:
-    """The same probabilities within TOLERANCE, so the same label unless two labels are that close."""
+def assert_same(first: list[Any], second: list[Any], tolerance: float = TOLERANCE) -> None:
+    """The same probabilities within `tolerance`, so the same label unless two labels are that close."""
     for a, b in zip(first, second, strict=True):
         assert a.error is None and b.error is None
         for label, p in answer_of(a).probabilities.items():
-            assert p == pytest.approx(answer_of(b).probabilities[label], abs=TOLERANCE)
+            assert p == pytest.approx(answer_of(b).probabilities[label], abs=tolerance)
         top, second_best = sorted(answer_of(a).probabilities.values(), reverse=True)[:2]
-        if top - second_best > 2 * TOLERANCE:
+        if top - second_best > 2 * tolerance:
             assert answer_of(a).label == answer_of(b).label
 
 
@@ -215,11 +219,11 @@ def test_without_an_instruction_the_default_wordings_are_averaged(transformers_e
             for label, p in answer_of(result).probabilities.items():
                 each = [answer_of(run[index]).probabilities[label] for run in alone]
                 mean = sum(each) / len(each)
-                # bf16 rounds prompts padded beside others differently: within the engines' tolerance
-                assert p == pytest.approx(mean, abs=TOLERANCE)
+                # bf16 rounds prompts padded beside others differently (one engine: measured up to 0.015)
+                assert p == pytest.approx(mean, abs=ENSEMBLE_TOLERANCE)
                 apart = max(apart, *(abs(q - mean) for q in each))
             assert result.prompt_tokens == sum(run[index].prompt_tokens for run in alone)
-        assert apart > 2 * TOLERANCE  # the wordings disagree by more: the mean is none of them
+        assert apart > 2 * ENSEMBLE_TOLERANCE  # the wordings disagree by more: the mean is none of them
 
 
 def test_text_first_prompts_of_one_text_share_it_as_a_prefix(transformers_engine: TransformersEngine) -> None:
@@ -299,7 +303,7 @@ def test_engines_agree_on_few_shot(transformers_engine: TransformersEngine, vllm
     assert query.messages[:-1] == classify_prompt.single_label(few[1], ["positive", "negative"], SENTIMENT).messages[:-1]
     assert [m.content for m in query.messages[1:-1:2]] == ["positive", "negative"] * 2
     hf, vl = classify(transformers_engine, few), classify(vllm_engine, few)
-    assert_same(hf, vl)
+    assert_same(hf, vl, FEW_SHOT_TOLERANCE)
     zero_shot = classify(vllm_engine, reviews())
     moved = [abs(answer_of(a).probabilities["positive"] - answer_of(b).probabilities["positive"])
              for a, b in zip(vl, zero_shot, strict=True)]
