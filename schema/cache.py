@@ -122,17 +122,14 @@ def restore(session: Session, hits: list[tuple[Item, CachedResult]], now: dateti
             session.execute(insert(table), rows)
 
 
-def remember(session: Session, item_ids: list[int], kind: str, engine: str, now: datetime,
-             engine_s_each: float | None = None) -> None:
-    """Keep the answers of these finished items under their keys (a key already kept stays as it is);
-    `engine_s_each`: each one's share of its chunk's engine time."""
-    keyed = dict(session.execute(select(Item.id, Item.cache_key).where(
-        Item.id.in_(item_ids), Item.cache_key.is_not(None), Item.cached.is_(False))).all())
-    if not keyed:
-        return
+def remember(session: Session, keyed: dict[int, str], kind: str, engine: str, now: datetime,
+             engine_s_each: float | None = None, tables: tuple[Any, ...] = ANSWER_TABLES) -> None:
+    """Keep the answers of these items, just computed, under their keys ({item id: key}; a key already
+    kept stays as it is), read from `tables` (the kind's answer_tables); `engine_s_each`: each one's
+    share of its chunk's engine time."""
     rows: dict[int, dict[str, Any]] = {item_id: {} for item_id in keyed}
-    for table in ANSWER_TABLES:
-        for row in session.execute(select(table).where(table.item_id.in_(list(keyed)))).scalars():
+    for table in tables:
+        for row in session.execute(select(table).where(among(session, table.item_id, list(keyed)))).scalars():
             rows[row.item_id][table.__tablename__] = _encoded(table, row)
     entries = [{"key": keyed[i], "kind": kind, "rows": r, "engine": engine, "engine_s": engine_s_each, "created_at": now}
                for i, r in rows.items() if r]

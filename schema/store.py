@@ -136,12 +136,20 @@ RESULT_COLUMNS = {"item_id": BigInteger, "custom_id": String, "output_text": Str
                   "prompt_tokens": BigInteger, "completion_tokens": BigInteger, "truncated_tokens": BigInteger}
 
 
+@dataclass
+class Written:
+    succeeded: list[Outcome]  # the outcomes that succeeded now (their results are stored)
+    ended: dict[str, int]  # what to add to the batch's counters (`count`): its items that ended now
+
+
 def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, engine: str, model: str,
-                   engine_batch_id: int, started: datetime, finished: datetime) -> list[Outcome]:
-    """Finish the items still running under this claim's lease, then store results for exactly those;
-    count them; return the outcomes that succeeded now. A repeat of the same chunk, or a late run of
-    items another worker has taken over, changes nothing. Two statements whatever the chunk's size:
-    per-item values come as a joined table of rows (`rows_table`), the queue wait is computed in SQL."""
+                   engine_batch_id: int, started: datetime, finished: datetime) -> Written:
+    """Finish the items still running under this claim's lease, then store results for exactly those.
+    A repeat of the same chunk, or a late run of items another worker has taken over, changes nothing.
+    Two statements whatever the chunk's size: per-item values come as a joined table of rows
+    (`rows_table`), the queue wait is computed in SQL. The caller counts `ended` last in its
+    transaction: from that update to the commit the batch's row is locked, and every chunk of the
+    batch needs that lock."""
     engine_s = (finished - started).total_seconds()
     v = rows_table(session, "v", OUTCOME_COLUMNS, [_outcome_row(o, engine_s) for o in outcomes])
     wait = seconds(session, Item.enqueued_at, Item.started_at)  # both in the database's clock
@@ -165,8 +173,7 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
         _insert_results(session, batch_id, succeeded, finished)
     documents = {o.item.id for o in outcomes if o.item.parent_id is None}  # windows are not the batch's items
     failed = sum(1 for item_id, status in moved.items() if status == ItemStatus.failed and item_id in documents)
-    count(session, batch_id, succeeded=sum(1 for o in succeeded if o.item.id in documents), failed=failed)
-    return succeeded
+    return Written(succeeded, {"succeeded": sum(1 for o in succeeded if o.item.id in documents), "failed": failed})
 
 
 def _insert_results(session: Session, batch_id: str, succeeded: list[Outcome], finished: datetime) -> None:
@@ -244,11 +251,13 @@ def cancel_queued(session: Session, batch_id: str) -> None:
 
 
 def close_if_done(session: Session, batch_id: str) -> None:
-    """Move the batch on once every item has ended: `completed`, or `cancelled` if it was cancelling."""
+    """Move the batch on once every item has ended: `completed`, or `cancelled` if it was cancelling.
+    One statement (it runs after every chunk): each column keeps its value unless its case applies."""
     now = db_now(session)
     ended = Batch.succeeded + Batch.failed + Batch.cancelled + Batch.expired >= Batch.total
-    for status, values in (
-        (BatchStatus.in_progress, {"status": BatchStatus.completed, "finalizing_at": now, "completed_at": now}),
-        (BatchStatus.cancelling, {"status": BatchStatus.cancelled, "cancelled_at": now}),
-    ):
-        session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == status, ended).values(values))
+    running, cancelling = Batch.status == BatchStatus.in_progress, Batch.status == BatchStatus.cancelling
+    session.execute(update(Batch).where(Batch.id == batch_id, running | cancelling, ended).values(
+        status=case((running, BatchStatus.completed), else_=BatchStatus.cancelled),
+        finalizing_at=case((running, now), else_=Batch.finalizing_at),
+        completed_at=case((running, now), else_=Batch.completed_at),
+        cancelled_at=case((cancelling, now), else_=Batch.cancelled_at)))

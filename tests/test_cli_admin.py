@@ -250,8 +250,9 @@ def test_reconcile_expires_overdue_batch(db_url: str, settings_for, tmp_path: Pa
         claimed = store.claim(session, overdue.id, [first.id], "host", 60)
         now, later = datetime.now(UTC), datetime.now(UTC) + timedelta(seconds=1)
         eb = store.record_engine_batch(session, overdue.id, "host", "null", "m", [], now, later)
-        store.write_outcomes(session, overdue.id, [store.Outcome(claimed[0], text="done", completion_tokens=1)],
-                             engine="null", model="m", engine_batch_id=eb, started=now, finished=later)
+        written = store.write_outcomes(session, overdue.id, [store.Outcome(claimed[0], text="done", completion_tokens=1)],
+                                       engine="null", model="m", engine_batch_id=eb, started=now, finished=later)
+        store.count(session, overdue.id, **written.ended)
         session.execute(update(Batch).where(Batch.id == overdue.id).values(
             expires_at=datetime.now(UTC) - timedelta(seconds=1)))
 

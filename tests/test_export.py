@@ -82,8 +82,9 @@ def make_batch(db_url: str, settings_for: Any, tmp_path: Path, endpoint: str = C
         finished = started + timedelta(seconds=2)
         eb = store.record_engine_batch(session, handle.id, "host-1", "null", "smollm2-135m-instruct", outcomes,
                                        started, finished)
-        store.write_outcomes(session, handle.id, outcomes, engine="null", model="smollm2-135m-instruct",
-                             engine_batch_id=eb, started=started, finished=finished)
+        written = store.write_outcomes(session, handle.id, outcomes, engine="null", model="smollm2-135m-instruct",
+                                       engine_batch_id=eb, started=started, finished=finished)
+        store.count(session, handle.id, **written.ended)
     with sessions() as session, session.begin():
         session.execute(update(Batch).where(Batch.id == handle.id).values(
             expires_at=datetime.now(UTC) - timedelta(seconds=1)))

@@ -99,8 +99,9 @@ def test_chunk_whose_items_all_fail(db_url: str, settings_for, tmp_path: Path) -
     outcomes = [store.Outcome(item=c, error="the prompt is too long") for c in claimed]
     now = utcnow()
     with get_sessionmaker(db_url)() as session, session.begin():
-        store.write_outcomes(session, batch_id, outcomes, engine="t", model="m", engine_batch_id=None,  # type: ignore[arg-type]
-                             started=now, finished=now)
+        written = store.write_outcomes(session, batch_id, outcomes, engine="t", model="m",
+                                       engine_batch_id=None, started=now, finished=now)  # type: ignore[arg-type]
+        store.count(session, batch_id, **written.ended)
         store.close_if_done(session, batch_id)
     with get_sessionmaker(db_url)() as session:
         rows = session.execute(select(Item.status, Item.last_error, Item.tokens_per_s).where(Item.batch_id == batch_id)).all()

@@ -34,11 +34,12 @@ def claim(settings: Settings, batch_id: str, ids: list[int], host: str, lease_s:
 def write(settings: Settings, batch_id: str, claimed: list[store.Claimed], text: str) -> list[store.Outcome]:
     now = utcnow()
     with get_sessionmaker(settings.database_url)() as session, session.begin():
-        succeeded = store.write_outcomes(session, batch_id, [store.Outcome(item=c, text=text) for c in claimed],
-                                         engine="t", model="m", engine_batch_id=None,  # type: ignore[arg-type]
-                                         started=now, finished=now)
+        written = store.write_outcomes(session, batch_id, [store.Outcome(item=c, text=text) for c in claimed],
+                                       engine="t", model="m", engine_batch_id=None,  # type: ignore[arg-type]
+                                       started=now, finished=now)
+        store.count(session, batch_id, **written.ended)
         store.close_if_done(session, batch_id)
-    return succeeded
+    return written.succeeded
 
 
 def run_out_leases(settings: Settings, batch_id: str) -> None:

@@ -46,9 +46,11 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
     with make_session() as session, session.begin():
         kind, priority = _route(session, batch_id)
         claimed = store.claim(session, batch_id, item_ids, runtime.host, settings.chunk_time_limit_s)
+        # answered since submission by an identical request? (no query for a batch without the cache)
+        answered = cache.lookup(session, [c.cache_key for c in claimed if c.cache_key])
     if not claimed:  # a duplicate delivery, or the batch was cancelled: nothing to do
         return {"claimed": 0, "succeeded": 0, "failed": 0}
-    claimed = _answer_from_cache(runtime, batch_id, claimed)
+    claimed = _answer_from_cache(runtime, batch_id, claimed) if answered else claimed
     if not claimed:
         return {"claimed": 0, "succeeded": 0, "failed": 0, "cached": len(item_ids)}
     runner = runner_for(kind or "", runtime.engine)
@@ -107,10 +109,19 @@ def _answer_from_cache(runtime: Runtime, batch_id: str, claimed: list[store.Clai
     return [c for c in claimed if c.id not in answered]
 
 
+_routes: dict[str, tuple[str, int]] = {}  # batch id -> (kind, priority): neither changes once submitted
+
+
 def _route(session: Session, batch_id: str) -> tuple[str, int]:
-    """The batch's task kind and priority (chunks this worker sends go at it)."""
-    row = session.execute(select(Batch.kind, Batch.priority).where(Batch.id == batch_id)).one_or_none()
-    return (row.kind, row.priority) if row is not None else ("", DEFAULT_PRIORITY)
+    """The batch's task kind and priority (chunks this worker sends go at it); read once per batch."""
+    if batch_id not in _routes:
+        row = session.execute(select(Batch.kind, Batch.priority).where(Batch.id == batch_id)).one_or_none()
+        if row is None:
+            return "", DEFAULT_PRIORITY
+        if len(_routes) > 10_000:
+            _routes.clear()
+        _routes[batch_id] = (row.kind, row.priority)
+    return _routes[batch_id]
 
 
 def _split(runtime: Runtime, batch_id: str, kind: str, priority: int, claimed: list[store.Claimed]) -> dict[str, int]:
@@ -133,16 +144,18 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
     engine, model = runtime.engine.name, runtime.engine.model_name
     with sessions(runtime)() as session, session.begin():  # results, states and counts land together
         eb_id = store.record_engine_batch(session, batch_id, runtime.host, engine, model, outcomes, started, finished)
-        succeeded = store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
-                                         engine_batch_id=eb_id, started=started, finished=finished)
+        written = store.write_outcomes(session, batch_id, outcomes, engine=engine, model=model,
+                                       engine_batch_id=eb_id, started=started, finished=finished)
+        succeeded = written.succeeded
         runner.stage(session, batch_id, succeeded, finished)  # the kind's own rows, if any
         share = (finished - started).total_seconds() / max(len(outcomes), 1)
-        keyed = [o.item.id for o in succeeded if o.item.cache_key]  # none: the batch was submitted without the cache
+        keyed = {o.item.id: o.item.cache_key for o in succeeded if o.item.cache_key}  # none: submitted without the cache
         if keyed:
-            cache.remember(session, keyed, runner.kind, engine, finished, share)
+            cache.remember(session, keyed, runner.kind, engine, finished, share, kinds.get(runner.kind).answer_tables)
         to_send = windows.add(session, batch_id, [o for o in outcomes if o.windows is not None], finished)
         to_send += windows.documents_ready(session, batch_id, kinds.get(runner.kind),
                                            {o.item.parent_id for o in outcomes if o.item.parent_id}, finished)
+        store.count(session, batch_id, **written.ended)  # last: the batch's row stays locked until the commit
         store.close_if_done(session, batch_id)
     try:  # after the commit: counting must never fail work that is done
         metrics.finished(runner.kind, model, outcomes, succeeded, started, finished)

@@ -22,7 +22,7 @@ from schema.errors import ErrorCode, InputError
 from schema.kinds.flags import FileFlags
 from schema.reading import ParsedItem
 from schema.states import ItemStatus
-from schema.tables import Batch, Item
+from schema.tables import Batch, Item, Result
 
 # An item that ended without a result, and the code its error line has when SQL holds none (rows
 # written before items had error codes).
@@ -61,6 +61,7 @@ class Kind(ABC):
     version: int = 1  # bump when the same request would now get another answer (its cached ones are void)
     summary: str  # one line for `--task` help
     file_flags: ClassVar[FileFlags] = {}  # spec fields that may also come from a file: `--labels-file`
+    answer_tables: ClassVar[tuple[Any, ...]] = (Result,)  # the rows by item_id that make up an answer (schema.cache)
 
     def spec(self, **values: Any) -> BaseModel:
         """The batch spec from keyword values (the API's, or the CLI's flags); InputError names the field."""

@@ -31,7 +31,7 @@ from schema.outputs import ErrorRecord
 from schema.reading import ParsedItem, read_items, validate_as
 from schema.states import ItemStatus
 from schema.store import insert_ignore
-from schema.tables import Batch, Item
+from schema.tables import Batch, Item, Result
 from schema.tables import Classification as ClassificationRow
 from schema.tables import Probe as ProbeRow
 
@@ -317,6 +317,7 @@ class Classify(Kind):
     name = "classify"
     spec_model = ClassifySpec
     summary = "a label and its probabilities per line {custom_id|id, text, labels?}"
+    answer_tables = (Result, ClassificationRow)
     file_flags: ClassVar[FileFlags] = {"labels": load_labels_file}
 
     def parse(self, stream: BinaryIO, name: str, spec: ClassifySpec, limits: Limits) -> Iterator[ParsedItem]:

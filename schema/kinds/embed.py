@@ -112,6 +112,7 @@ class Embed(Kind):
     name = "embed"
     spec_model = EmbedSpec
     summary = "a vector per text (OpenAI /v1/embeddings lines, or simple {custom_id|id, text})"
+    answer_tables = (Result, Embedding)
 
     def parse(self, stream: BinaryIO, name: str, spec: EmbedSpec, limits: Limits) -> Iterator[ParsedItem]:
         openai: list[bool] = []  # the first line's format is the file's
