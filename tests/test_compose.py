@@ -22,9 +22,13 @@ def test_compose_config_is_valid() -> None:
     proc = subprocess.run([*compose_command(), "-f", "compose.yaml", "config"], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    for service in ("redis:", "postgres:", "worker-gpu0:", "api:", "beat:", "prometheus:", "producer:"):
+    for service in ("redis:", "postgres:", "api:", "beat:", "prometheus:", "producer:",
+                    *(f"worker-gpu{gpu}:" for gpu in range(4))):
         assert service in proc.stdout
-    assert "appendonly" in proc.stdout and "CUDA_VISIBLE_DEVICES" in proc.stdout
+    assert "appendonly" in proc.stdout
+    for gpu in range(4):  # each worker on its own GPU, with the stack's settings
+        assert f"CUDA_VISIBLE_DEVICES: '{gpu}'" in proc.stdout or f'CUDA_VISIBLE_DEVICES: "{gpu}"' in proc.stdout
+    assert proc.stdout.count("GRISTMILL_BROKER_URL") >= 4
 
 
 def test_compose_requires_passwords() -> None:
