@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 from sqlalchemy import func, select
 
 from bench.services import REPO, env_for, fresh_services, worker_process
@@ -63,6 +64,15 @@ def cli_peak_rss_mb(settings: Any, *args: str) -> float:
     return max(sampler.samples, default=float("nan"))
 
 
+def postgres_cpu_s() -> float:
+    """CPU seconds used so far by this host's PostgreSQL processes (the benchmark's database is local)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        if proc.info["name"] in ("postgres", "postmaster") and proc.info["cpu_times"] is not None:
+            total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return total
+
+
 def write_items(path: Path, n: int) -> Path:
     with open(path, "w") as f:
         f.writelines(f'{{"id": "doc-{i}", "text": "Document number {i}: a short text to process."}}\n' for i in range(n))
@@ -79,6 +89,7 @@ def measure(n: int, workdir: Path, workers: int = 1) -> dict[str, Any]:
         rss_start = sampler.rss_mb()
         sampler.start()
         path = write_items(workdir / "items.jsonl", n)
+        pg_cpu = postgres_cpu_s()
         began = time.perf_counter()
         handle = api.submit(path, settings=settings)
         submit_s = time.perf_counter() - began
@@ -90,16 +101,24 @@ def measure(n: int, workdir: Path, workers: int = 1) -> dict[str, Any]:
             first, last = session.execute(select(func.min(Item.started_at), func.max(Item.finished_at))
                                           .where(Item.batch_id == handle.id)).one()
         execute_s = seconds_between(first, last) or float("nan")
+        pg_cpu = postgres_cpu_s() - pg_cpu  # submission and execution (the ANALYZE and the claims included)
         info = handle.status()
         export_rss = cli_peak_rss_mb(settings, "results", handle.id, "-o", str(workdir / "out.jsonl"))
-        # The same file again, for a model no worker serves: it stays queued, only the submission is measured.
+        # The same file again, for a model no worker serves: it stays queued, only the submission is measured
+        # (and what its messages take in Redis).
+        broker = redis.Redis.from_url(settings.broker_url)
+        redis_before = broker.info("memory")["used_memory"]
         submit_rss = cli_peak_rss_mb(settings, "submit", str(path), "--model", "nobody-serves-this", "--no-cache")
+        redis_mb = (broker.info("memory")["used_memory"] - redis_before) / 2**20
     return {
         "items": n, "workers": workers, "succeeded": info.request_counts.completed, "submit_s": submit_s, "execute_s": execute_s,
         "submit_items_per_s": n / submit_s, "execute_items_per_s": n / execute_s,
         "worker_rss_start_mb": rss_start, "worker_rss_peak_mb": max(sampler.samples, default=rss_end),
         "worker_rss_end_mb": rss_end, "worker_rss_growth_mb": rss_end - rss_start,
         "submit_peak_rss_mb": submit_rss, "export_peak_rss_mb": export_rss,
+        "redis_mb_per_million_queued": redis_mb * 1e6 / n,
+        # PostgreSQL's CPU seconds per item (submitted and run) x 10,000 items/s: the cores it would use
+        "postgres_cores_per_10k_items_s": pg_cpu / n * 10_000,
     }
 
 
@@ -126,6 +145,8 @@ def main() -> None:
     print(f"{'worker_rss_growth_mb':<24} {report['worker_rss_growth_mb']:>12.1f} {'<= 50':>10}")
     for key in ("submit_peak_rss_mb", "export_peak_rss_mb"):
         print(f"{key:<24} {report[key]:>12.1f} {'<= 300':>10}")
+    for key in ("redis_mb_per_million_queued", "postgres_cores_per_10k_items_s"):
+        print(f"{key:<24} {report[key]:>12.2f}")
     print(f"succeeded {report['succeeded']}/{report['items']}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
