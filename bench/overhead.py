@@ -2,7 +2,9 @@
 
 Reports items/s for submission (parse, validate, insert, enqueue) and for execution (first item started
 to last item finished, from SQL), and the worker's peak RSS and RSS growth over the run; then the peak
-RSS of `gristmill submit` and `gristmill results` processes on the same file and batch. With
+RSS of `gristmill submit` and `gristmill results` processes on the same file and batch, and how long
+one reconciler pass takes with all those items in SQL (one batch done, one queued and past the grace,
+its messages in Redis). With
 `--workers N` it runs the batch again with N worker processes on the same queue and reports the
 execution rate's ratio to one worker's, measured in the same run.
     python -m bench.overhead [--items N] [--workers N] [--json PATH]
@@ -23,12 +25,15 @@ from typing import Any
 
 import psutil
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from bench.services import REPO, env_for, fresh_services, worker_process
 from producer import api
-from schema.db import get_sessionmaker, seconds_between
+from schema.db import db_now, get_sessionmaker, seconds_between
+from schema.queue import Queue
+from schema.states import ItemStatus
 from schema.tables import Item
+from worker.reconciler import reconcile
 
 NULL_ENGINE = "bench.null_engine:NullEngine"
 
@@ -110,6 +115,7 @@ def measure(n: int, workdir: Path, workers: int = 1) -> dict[str, Any]:
         redis_before = broker.info("memory")["used_memory"]
         submit_rss = cli_peak_rss_mb(settings, "submit", str(path), "--model", "nobody-serves-this", "--no-cache")
         redis_mb = (broker.info("memory")["used_memory"] - redis_before) / 2**20
+        reconcile_s = reconcile_pass_s(settings)
     return {
         "items": n, "workers": workers, "succeeded": info.request_counts.completed, "submit_s": submit_s, "execute_s": execute_s,
         "submit_items_per_s": n / submit_s, "execute_items_per_s": n / execute_s,
@@ -119,7 +125,21 @@ def measure(n: int, workdir: Path, workers: int = 1) -> dict[str, Any]:
         "redis_mb_per_million_queued": redis_mb * 1e6 / n,
         # PostgreSQL's CPU seconds per item (submitted and run) x 10,000 items/s: the cores it would use
         "postgres_cores_per_10k_items_s": pg_cpu / n * 10_000,
+        "reconcile_pass_s": reconcile_s,
     }
+
+
+def reconcile_pass_s(settings: Any) -> float:
+    """One reconciler pass once every queued item is past the grace: it reads a page of them and the
+    broker's messages, and finds each carried (the worker's own passes do the same every 30 s)."""
+    with get_sessionmaker(settings.database_url)() as session, session.begin():
+        session.execute(update(Item).where(Item.status == ItemStatus.queued)
+                        .values(enqueued_at=db_now(session, -2 * settings.requeue_grace_s)))
+    began = time.perf_counter()
+    report = reconcile(settings, Queue(settings))
+    if report.requeued:
+        raise RuntimeError(f"the reconciler requeued items whose messages are in Redis: {report}")
+    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -145,7 +165,7 @@ def main() -> None:
     print(f"{'worker_rss_growth_mb':<24} {report['worker_rss_growth_mb']:>12.1f} {'<= 50':>10}")
     for key in ("submit_peak_rss_mb", "export_peak_rss_mb"):
         print(f"{key:<24} {report[key]:>12.1f} {'<= 300':>10}")
-    for key in ("redis_mb_per_million_queued", "postgres_cores_per_10k_items_s"):
+    for key in ("redis_mb_per_million_queued", "postgres_cores_per_10k_items_s", "reconcile_pass_s"):
         print(f"{key:<24} {report[key]:>12.2f}")
     print(f"succeeded {report['succeeded']}/{report['items']}", file=sys.stderr)
     if args.json:

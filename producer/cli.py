@@ -365,10 +365,10 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     from schema.errors import BrokerError
     from schema.queue import Queue
-    from worker.reconciler import reconcile
+    from worker.reconciler import reconcile_all
 
     try:
-        report = reconcile(settings, Queue(settings))
+        report = reconcile_all(settings, Queue(settings))
     except (OperationalError, RedisConnectionError, OSError) as exc:  # the broker is away: one line, no traceback
         raise BrokerError(f"cannot reach the broker {redact(settings.broker_url)}: {type(exc).__name__}: "
                           f"{redact(str(exc))}") from exc

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # holds for one sequence.
     max_model_len: int | None = Field(default=None, ge=64)
     max_line_bytes: int = Field(default=1_000_000, ge=1)
-    max_items_per_batch: int = Field(default=100_000, ge=1)
+    max_items_per_batch: int = Field(default=10_000_000, ge=1)
     max_upload_bytes: int = Field(default=200 * 2**20, ge=1)  # a file uploaded to the HTTP API (OpenAI's: 200 MB)
     # Per project of the HTTP API (0: no limit): requests a minute, items queued at once, bytes of files stored.
     project_requests_per_minute: int = Field(default=600, ge=0)

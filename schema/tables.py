@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -78,6 +79,8 @@ class Item(Base):
         UniqueConstraint("batch_id", "custom_id"),
         Index("ix_items_batch_status", "batch_id", "status"),
         Index("ix_items_batch_line", "batch_id", "line"),
+        # The reconciler's keyset scan of queued items (worker.reconciler): only queued rows are in it.
+        Index("ix_items_queued", "id", postgresql_where=text("status = 'queued'"), sqlite_where=text("status = 'queued'")),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)

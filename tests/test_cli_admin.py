@@ -24,10 +24,11 @@ from producer import api
 from schema import store
 from schema.db import MIGRATIONS, get_sessionmaker
 from schema.outputs import OutputLine
-from schema.queue import RUN_CHUNK, broker_lists, queue_for
+from schema.queue import RUN_CHUNK, Queue, broker_lists, queue_for
 from schema.states import BatchStatus, ItemStatus
 from schema.tables import Batch, Item, Result
 from tests.conftest import cli_env, gristmill, messages_waiting
+from worker.reconciler import reconcile
 
 CHAT = {"method": "POST", "url": "/v1/chat/completions"}
 
@@ -237,6 +238,34 @@ def test_reconcile_requeues_lost_messages(db_url: str, redis_url: str, settings_
 
     settled = gristmill("reconcile", settings=settings, cwd=tmp_path)  # the broker carries them all now
     assert "0 items requeued" in settled.stderr and messages_waiting(client, queue) == 3
+    client.close()
+
+
+def test_reconcile_pages_through_lost_messages(db_url: str, redis_url: str, settings_for, tmp_path: Path) -> None:
+    """A pass handles at most a page of items and says where the next goes on, so a pass costs the same
+    however many items wait; passes one after another cover them all, then start over."""
+    settings = settings_for(db_url, broker_url=redis_url, chunk_size=4, requeue_grace_s=60,
+                            model=f"reconcile-{uuid.uuid4().hex[:8]}")
+    handle = api.submit(write_docs(tmp_path, 10), settings=settings)
+    queue = queue_for(settings.model, "generate")
+    ids = [i.id for i in items_of(db_url, handle.id)]
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*broker_lists(queue))
+    age_items(db_url, handle.id, 120)
+    with get_sessionmaker(db_url)() as session, session.begin():  # 4 dead leases: more than one page
+        session.execute(update(Item).where(Item.id.in_(ids[:4])).values(
+            status=ItemStatus.running, attempts=1, lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+
+    passes, resume_after = [], 0
+    for _ in range(5):
+        report = reconcile(settings, Queue(settings), resume_after, page=3)
+        passes.append((report.leases_expired, report.requeued, report.resume_after))
+        resume_after = report.resume_after
+    # Pass 1: 3 of the 4 leases, and ids 0-2 scanned (all just returned); pass 2: the last lease, ids 3-5
+    # (3 was just returned: 2 orphans); pass 3: ids 6-8; pass 4: id 9, the end; pass 5 starts over, ids
+    # 0-2 are carried now.
+    assert passes == [(3, 3, ids[2]), (1, 3, ids[5]), (0, 3, ids[8]), (0, 1, 0), (0, 0, ids[2])]
+    assert ids_in_redis(redis_url, queue) == {handle.id: set(ids)}
     client.close()
 
 

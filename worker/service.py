@@ -80,6 +80,7 @@ def _reconcile_every(settings: Settings, queue: Queue, worker_id: str) -> None:
     """At start and then periodically: say this worker is alive and how busy, requeue what no one holds,
     expire overdue batches."""
     last: tuple[float, float] | None = None  # (busy seconds, monotonic time) at the previous heartbeat
+    resume_after = 0  # where the next pass's scan for lost messages goes on
     try:
         workers.heartbeat(settings, worker_id, 0, None)  # seen at once, by submissions and the dashboard
     except Exception:
@@ -95,7 +96,9 @@ def _reconcile_every(settings: Settings, queue: Queue, worker_id: str) -> None:
             fraction = min(1.0, (busy - last[0]) / (now - last[1])) if last and now > last[1] else None
             last = busy, now
             workers.heartbeat(settings, worker_id, chunks, fraction)
-            metrics.REQUEUES.inc(reconcile(settings, queue).requeued)
+            report = reconcile(settings, queue, resume_after)
+            resume_after = report.resume_after
+            metrics.REQUEUES.inc(report.requeued)
         except Exception as exc:  # noqa: BLE001  # the broker or database is away; the next round tries again
             log.warning("heartbeat and reconciling failed (%s: %s); trying again in %d s", type(exc).__name__,
                         redact(str(exc)).splitlines()[0] if str(exc) else "", settings.reconcile_interval_s)
