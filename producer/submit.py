@@ -7,7 +7,6 @@ not be enqueued is marked failed, and the reconciler re-sends what the broker lo
 from __future__ import annotations
 
 import itertools
-import json
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import msgspec
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
@@ -54,11 +54,13 @@ def new_batch_id() -> str:
 def refresh_planner_stats(settings: Settings, n_items: int) -> None:
     """ANALYZE the items table after a large insert. With statistics from before it, PostgreSQL claimed
     each chunk by scanning the batch's (batch_id, status) index instead of the primary key: measured
-    at 100,000 items, 52 ms per claim instead of 4, and the worker's claims saturated the database."""
+    at 100,000 items, 52 ms per claim instead of 4, and the worker's claims saturated the database.
+    Only the columns claims and the reconciler filter on: at 100,000 items 0.12 s instead of 0.8-1.0 s for
+    every column (the JSON ones are wide); autovacuum's ANALYZE covers the rest later."""
     engine = get_engine(settings.database_url)
     if engine.dialect.name == "postgresql" and n_items >= ANALYZE_AFTER_ITEMS:
         with engine.connect() as conn:  # its own short transaction: ANALYZE locks out other ANALYZEs
-            conn.execute(text("ANALYZE items"))
+            conn.execute(text("ANALYZE items (id, batch_id, status)"))
             conn.commit()
 
 
@@ -147,8 +149,12 @@ def _copy_items(session: Session, rows: Iterator[dict[str, Any]]) -> None:
     assert raw is not None  # a live connection: the batch row was just flushed on it
     with raw.cursor() as cursor, cursor.copy(f"COPY items ({', '.join(ITEM_COLUMNS)}) FROM STDIN") as copy:
         for row in rows:
-            row["request"], row["body"] = json.dumps(row["request"]), json.dumps(row["body"])
+            row["request"], row["body"] = _json_text(row["request"]), _json_text(row["body"])
             copy.write_row([row[column] for column in ITEM_COLUMNS])
+
+
+def _json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()  # 5x json.dumps; the same JSON values (as UTF-8, not escaped)
 
 
 def enqueue(settings: Settings, queue: Queue, batch_id: str, model: str, kind: str,

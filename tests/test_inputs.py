@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from schema import reading
 from schema.errors import InputError
 from schema.inputs import ParsedItem, parse_input, parse_input_bytes, parse_input_stream
 from schema.jobs import ChatMessage, SamplingParams
@@ -366,6 +367,39 @@ def test_valid_files_parse(lines: list[dict[str, Any]]) -> None:
     items = parse_or_input_error(jsonl(*lines).encode())
     if len(set(ids)) == len(ids) and len(kinds) == 1:
         assert items is not None and [i.custom_id for i in items] == ids
+
+
+def decoded_or_error(decode: Any, raw: bytes) -> Any:
+    try:
+        return decode(raw)
+    except InputError as error:
+        return str(error)
+
+
+def reference_decode(raw: bytes) -> Any:
+    """decode_line with json.loads only (its path before msgspec)."""
+    obj = reading._decode_slowly(raw.decode("utf-8"), NAME, 1)
+    if not isinstance(obj, dict):
+        raise InputError(NAME, 1, None, f"not a JSON object (found {reading._JSON_TYPES[type(obj)]})")
+    if problem := reading._storage_problem(obj):
+        raise InputError(NAME, 1, None, problem)
+    return obj
+
+
+@FUZZ
+@given(st.dictionaries(st.text(), json_values | st.integers() | st.floats() | st.text(st.characters(categories=["Cs"])),
+                       max_size=4), st.data())
+def test_fast_decoder_agrees_with_json_loads(obj: dict[str, Any], data: st.DataObject) -> None:
+    """msgspec decodes a line; what it takes or refuses must come out as json.loads' path would have it."""
+    raw = json.dumps(obj, ensure_ascii=data.draw(st.booleans())).encode("utf-8", "surrogatepass")
+    for _ in range(data.draw(st.integers(0, 2))):
+        raw = data.draw(st.sampled_from([flip_byte, truncate, insert_bytes]))(raw, data)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # refused before either decoder runs
+    fast = decoded_or_error(lambda r: reading.decode_line(r, NAME, 1), raw)
+    assert fast == decoded_or_error(reference_decode, raw)
 
 
 def flip_byte(text: bytes, data: st.DataObject) -> bytes:

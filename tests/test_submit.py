@@ -134,7 +134,7 @@ def test_bulk_insert_round_trips(pg_url: str, settings_for, tmp_path: Path) -> N
     assert len(statements) <= 30, len(statements)
     assert handle.status().request_counts.total == 10_000
     # The planner learns of the new rows before the first claim (claims by id, not a batch scan).
-    assert "ANALYZE items" in statements
+    assert "ANALYZE items (id, batch_id, status)" in statements
     with get_engine(pg_url).connect() as conn:
         plan = "\n".join(conn.exec_driver_sql(
             "EXPLAIN UPDATE items SET attempts = attempts + 1 WHERE id IN (5000, 5001, 5002) "
