@@ -71,7 +71,7 @@ class BatchHandle:
 def submit(source: Source, *, task: str = "generate", model: str | None = None,
            metadata: dict[str, Any] | None = None, completion_window: str = "24h",
            settings: Settings | None = None, name: str | None = None, check_workers: bool = True,
-           priority: str | int = "normal", **options: Any) -> BatchHandle:
+           priority: str | int = "normal", send: bool = True, **options: Any) -> BatchHandle:
     """Validate, store and enqueue a batch from a path, bytes, an open binary file or a generator of
     byte chunks. Raises InputError (nothing written) on a bad input.
 
@@ -80,12 +80,13 @@ def submit(source: Source, *, task: str = "generate", model: str | None = None,
     `calibrate`, `multi_label`, `threshold`; "extract": `json_schema`, `instruction`, `sampling`;
     "embed": `encoding_format`, `dimensions`. A kind the live workers of the model cannot run is
     refused (NotServed) unless `check_workers=False`. `priority`: high, normal, low or 0-9 (9 most
-    urgent): workers take chunks of more urgent batches first.
+    urgent): workers take chunks of more urgent batches first. `send=False` stores the batch without
+    enqueueing it; `handle.service.send(handle.id)` enqueues it later.
     """
     service = service_for(settings)
     batch_id = service.submit(source, name=name, task=task, model=model, metadata=metadata,
                               completion_window=completion_window, check_workers=check_workers, priority=priority,
-                              **options)
+                              send=send, **options)
     return BatchHandle(batch_id, service=service)
 
 

@@ -136,12 +136,12 @@ def _metadata(pairs: list[str]) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
-def _submit(args: argparse.Namespace, settings: Settings, check_workers: bool = True) -> api.BatchHandle:
+def _submit(args: argparse.Namespace, settings: Settings, check_workers: bool = True, send: bool = True) -> api.BatchHandle:
     model, file_flags = SPECS[args.task]
     options = spec_values(args, args.task, model, file_flags, SPECS)
     return api.submit(args.input, task=args.task, model=args.model, metadata=_metadata(args.metadata),
                       completion_window=args.completion_window, settings=settings, check_workers=check_workers,
-                      cache=args.cache, priority=args.priority, **options)
+                      cache=args.cache, priority=args.priority, send=send, **options)
 
 
 def _wait(handle: api.BatchHandle, quiet: bool) -> Any:
@@ -160,7 +160,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.service import serve
 
     started = time.perf_counter()
-    handle = _submit(args, settings, check_workers=False)  # its own worker starts next
+    # Validated and stored now (a bad line fails before the model loads); enqueued once the worker below
+    # has registered its engine's capacity, so chunks are cut to fit it (not to a fallback size).
+    handle = _submit(args, settings, check_workers=False, send=False)
     model = args.model or settings.model
     if not args.quiet:
         print(f"batch {handle.id}", file=sys.stderr)
@@ -174,7 +176,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             return info.done
 
         rt = serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel="INFO",  # to the log file
-                   stop_when=finished)
+                   stop_when=finished, on_ready=lambda: handle.service.send(handle.id))
     info = handle.status()
     counts = handle.results(args.output, args.errors, args.format)
     summary = handle.stats()

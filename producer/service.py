@@ -83,7 +83,7 @@ class Service:
                metadata: dict[str, Any] | None = None, completion_window: str = "24h", check_workers: bool = True,
                endpoint: str | None = None, record_invalid: bool = False, request_key: str | None = None,
                admit: Callable[[int], None] | None = None, cache: bool = True, priority: str | int = "normal",
-               **options: Any) -> str:
+               send: bool = True, **options: Any) -> str:
         """Validate, store and enqueue a batch; returns its id. `options` are the kind's spec fields
         (generation: sampling, system_prompt; classification: labels, method, ...). A bad input raises
         InputError naming the source, line and field, and nothing is written; with `record_invalid`
@@ -93,7 +93,9 @@ class Service:
         `admit(n_items)`, called once the input is valid and before anything is stored, may refuse it
         by raising (a quota). `cache`: answer deterministic items from earlier identical requests
         (schema.cache), with no engine. `priority`: high, normal, low or 0-9 (9 most urgent); workers take
-        chunks of more urgent batches first (schema.queue)."""
+        chunks of more urgent batches first (schema.queue). `send=False`: stored but not yet enqueued;
+        `send(batch_id)` enqueues it (`gristmill run` does once its worker knows its engine's capacity,
+        so chunks are cut to fit it)."""
         kind = kinds.get(task)
         spec = kind.spec(**options)
         window_s = parse_window(completion_window)
@@ -121,8 +123,16 @@ class Service:
             error = {"code": "invalid_request", "message": exc.message, "param": exc.field, "line": exc.line}
             store_invalid(self.settings, batch_id, new, endpoint or "", [error])
             return batch_id
-        enqueue(self.settings, self.queue, batch_id, model, kind.name, level)
+        if send:
+            enqueue(self.settings, self.queue, batch_id, model, kind.name, level)
         return batch_id
+
+    def send(self, batch_id: str) -> None:
+        """Enqueue a batch stored with `submit(..., send=False)`, in chunks sized for the live workers."""
+        with self._sessions() as session:
+            batch = self._batch(session, batch_id)
+            model, kind, priority = batch.model, batch.kind, batch.priority
+        enqueue(self.settings, self.queue, batch_id, model, kind, priority)
 
     def _check_served(self, kind: str, model: str) -> None:
         """Refuse a kind the live workers of the model cannot run (a batch for a model with no live

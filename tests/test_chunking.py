@@ -54,3 +54,25 @@ def test_a_kind_no_live_worker_runs_is_refused(sqlite_url: str, settings_for, tm
         service.submit(docs, model="m")
     assert len(service.list_batches()) == 1
     service.submit(docs, task="classify", model="m", labels=["x", "y"])
+
+
+def test_run_cuts_chunks_to_its_own_engine(sqlite_url: str, settings_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`gristmill run` stores the batch before its model loads and enqueues it once its worker has
+    registered: the chunks fit that engine (128 for 256 sequences), not the fallback size."""
+    import json
+
+    from sqlalchemy import select
+
+    from schema.tables import EngineBatch
+    from tests.conftest import gristmill
+
+    settings = settings_for(sqlite_url)
+    assert not settings.chunk_size  # sized to the engines
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": f"doc {i}"}) + "\n"
+                                               for i in range(300)))
+    gristmill("run", "in.jsonl", "-o", "out.jsonl", "--engine", "bench.null_engine:NullEngine", settings=settings,
+              cwd=tmp_path)
+    with get_sessionmaker(sqlite_url)() as session:
+        sizes = sorted(session.scalars(select(EngineBatch.n_items)))
+    assert sizes == [44, 128, 128], sizes
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 300

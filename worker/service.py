@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 def serve(settings: Settings, *, model: str | None = None, engine: str | None = None, task: str | None = None,
           loglevel: str = "INFO", stop_when: Callable[[], bool] | None = None,
-          metrics_port: int | None = None) -> runtime.Runtime:
+          metrics_port: int | None = None, on_ready: Callable[[], None] | None = None) -> runtime.Runtime:
     """Load the engine, then consume the model's queues of every task kind the engine serves until
-    SIGTERM/SIGINT (or `stop_when()` is true).
+    SIGTERM/SIGINT (or `stop_when()` is true). `on_ready()` runs once the engine is loaded and this
+    worker is registered with its capacity, before it consumes.
 
     The pool is `threads`: tasks run in this process next to the engine (vLLM may start its engine
     process; a prefork child is a daemon and cannot), several chunks at once, all fed to the one
@@ -55,6 +56,8 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     )
     rt.database = DatabaseLink(settings, app, worker_id, queues)
     workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs, kinds)
+    if on_ready is not None:
+        on_ready()
     threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler", daemon=True).start()
     if stop_when is not None:
         threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()
