@@ -183,7 +183,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     wall = time.perf_counter() - started
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(
-            {**summary, "wall_s": wall, "engine_start_s": rt.engine_start_s, "engine": rt.engine.name}, indent=2))
+            {**summary, "wall_s": wall, "engine_start_s": rt.engine_start_s, "engine_stop_s": rt.engine_stop_s,
+             "engine": rt.engine.name}, indent=2))
     print(summary_line(info.status, summary, counts, wall, rt.engine_start_s) + f"; results in {args.output}",
           file=sys.stderr)
     if summary.get("calibration_warning"):

@@ -27,6 +27,7 @@ class Runtime:
     queue: Queue  # for chunks this worker sends again (a split)
     host: str = field(default_factory=lambda: worker_id())  # who claimed an item, in SQL
     engine_start_s: float = 0.0
+    engine_stop_s: float = 0.0  # set by stop()
     database: DatabaseLink | None = None  # a worker process's (worker.service); None where tests run chunks
 
     @property
@@ -72,9 +73,11 @@ def current() -> Runtime:
 def stop() -> None:
     global _current
     if _current is not None:
+        began = time.perf_counter()
         if _current.loop.alive:
             _current.loop.close()
         _current.engine.close()
+        _current.engine_stop_s = time.perf_counter() - began
         _current = None
 
 

@@ -56,12 +56,13 @@ def serve(settings: Settings, *, model: str | None = None, engine: str | None = 
     )
     rt.database = DatabaseLink(settings, app, worker_id, queues)
     workers.register(settings, worker_id, model, rt.engine.name, rt.engine.max_num_seqs, kinds)
-    if on_ready is not None:
-        on_ready()
-    threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler", daemon=True).start()
-    if stop_when is not None:
-        threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()
     try:
+        if on_ready is not None:  # before the reconciler's first pass, which would resend what it sends
+            on_ready()
+        threading.Thread(target=_reconcile_every, args=(settings, rt.queue, worker_id), name="reconciler",
+                         daemon=True).start()
+        if stop_when is not None:
+            threading.Thread(target=_stop_when, args=(stop_when,), daemon=True).start()
         worker.start()
         if not rt.loop.alive:  # exit non-zero so a supervisor restarts the worker with a fresh engine
             raise EngineError("the engine failed; in-flight chunks went back to the queue")
