@@ -193,7 +193,8 @@ def run_naive(s: Setup, workdir: Path) -> dict[str, Any]:
 
 
 def run_embedded(s: Setup, workdir: Path) -> dict[str, Any]:
-    """`gristmill run`'s wall clock (submit, in-process worker, results file) minus its engine start."""
+    """`gristmill run`'s wall clock (submit, in-process worker, results file) minus its engine start; the
+    engine stops after the results file is written, outside the clock (reported)."""
     settings = Settings(database_url=f"sqlite:///{workdir / 'gristmill.db'}", home=workdir / ".gristmill",
                         vllm_options=s.engine)
     summary_path, out = workdir / "summary.json", workdir / "out.jsonl"
@@ -206,6 +207,7 @@ def run_embedded(s: Setup, workdir: Path) -> dict[str, Any]:
     tokens = prompts.output_tokens(out)
     return {"requests": summary["items"], "failed": summary["failed"], "output_tokens": sum(tokens.values()),
             "seconds": summary["wall_s"] - summary["engine_start_s"], "engine_start_s": summary["engine_start_s"],
+            "engine_stop_s": summary["engine_stop_s"],  # after the results are written: outside wall_s
             "engine": _logged_options(proc.stderr + proc.stdout), "tokens": tokens}
 
 

@@ -169,18 +169,29 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     with logs.quiet_descriptors(), Progress(quiet=args.quiet) as progress:
         progress.phase(f"loading {model} ({args.engine or 'auto'} engine)")
 
+        written: dict[str, Any] = {}  # the results, written as soon as the batch is done: before the engine stops
+
         def finished() -> bool:  # polled once the engine has loaded and the worker runs
             info = handle.status()
-            progress.phase("stopping the engine" if info.done else None)
             progress.update(info, handle.service.recent_rates(handle.id))
+            if info.done and not written:
+                progress.phase("writing results")
+                try:
+                    written["counts"] = handle.results(args.output, args.errors, args.format)
+                except Exception as exc:  # noqa: BLE001  # raised below, once the engine has stopped
+                    written["error"] = exc
+                written["wall"] = time.perf_counter() - started
+                progress.phase("stopping the engine")
             return info.done
 
         rt = serve(settings, model=args.model, engine=args.engine, task=args.task, loglevel="INFO",  # to the log file
                    stop_when=finished, on_ready=lambda: handle.service.send(handle.id))
+    if "error" in written:
+        raise written["error"]
     info = handle.status()
-    counts = handle.results(args.output, args.errors, args.format)
+    counts = written["counts"] if written else handle.results(args.output, args.errors, args.format)  # interrupted
+    wall = written["wall"] if written else time.perf_counter() - started
     summary = handle.stats()
-    wall = time.perf_counter() - started
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(
             {**summary, "wall_s": wall, "engine_start_s": rt.engine_start_s, "engine_stop_s": rt.engine_stop_s,
