@@ -174,7 +174,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         def finished() -> bool:  # polled once the engine has loaded and the worker runs
             info = handle.status()
             progress.update(info, handle.service.recent_rates(handle.id))
-            if info.done and not written:
+            if not info.done:
+                progress.phase(None)  # the engine has loaded: the progress bar replaces the phase line
+            elif not written:
                 progress.phase("writing results")
                 try:
                     written["counts"] = handle.results(args.output, args.errors, args.format)
