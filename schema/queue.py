@@ -36,6 +36,11 @@ FULL_PRIORITY_CHUNKS = 4
 PRIORITY_SEP = "\x06\x16"  # kombu's: a queue's list for level L is queue + PRIORITY_SEP + str(9 - L)
 
 
+# Chunk messages per Redis round trip at submission: each send_task was its own LPUSH, 2-3 ms apiece
+# (782 of them for 100,000 items); kombu's batch buffers the LPUSHes in one pipeline instead.
+PUBLISH_BATCH = 500
+
+
 def parse_priority(value: str | int) -> int:
     """`high`, `normal`, `low`, or a level 0-9 (9 most urgent)."""
     level = PRIORITIES.get(str(value).strip().lower())
@@ -165,9 +170,10 @@ class Queue:
              priority: int = DEFAULT_PRIORITY) -> int:
         """One task per chunk as given (a split or a redelivery keeps its own cut), the first
         FULL_PRIORITY_CHUNKS at `priority` and the rest one level lower. (The embedded broker, one
-        process's, has no priorities: it delivers in order.)"""
+        process's, has no priorities: it delivers in order.) On Redis the messages go in pipelined
+        batches (kombu's Producer.batch): one round trip per PUBLISH_BATCH messages, not one each."""
         sent = 0
-        with self.connection() as conn, conn.Producer() as producer:
+        with self.connection() as conn, conn.Producer() as producer, producer.batch(PUBLISH_BATCH):
             for chunk in chunks:
                 level = priority if sent < FULL_PRIORITY_CHUNKS else max(priority - 1, 0)
                 # A short argsrepr: Celery would otherwise repr every id into the message headers.

@@ -3,16 +3,27 @@ small batch submitted behind a huge one of the same priority starts after the hu
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import select
 
 from producer import api
 from schema.db import get_sessionmaker
 from schema.errors import ConfigError
-from schema.queue import FULL_PRIORITY_CHUNKS, parse_priority
+from schema.queue import (
+    FULL_PRIORITY_CHUNKS,
+    PRIORITY_SEP,
+    PUBLISH_BATCH,
+    Queue,
+    broker_lists,
+    parse_priority,
+    queue_for,
+)
 from schema.tables import EngineBatch
 from tests.conftest import gristmill
 from tests.test_faults import Workers, assert_consistent, docs
@@ -60,3 +71,20 @@ def test_a_bad_priority_is_one_line(sqlite_url: str, settings_for, tmp_path: Pat
                      settings=settings_for(sqlite_url), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "priority must be high, normal, low or a level 0-9" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_chunks_sent_in_pipelined_batches_all_arrive_in_order(redis_url: str, settings_for) -> None:  # type: ignore[no-untyped-def]
+    # More messages than one pipeline holds, so the batch flushes midway and at the end; none may be lost,
+    # reordered, or put on the wrong priority list.
+    count = 2 * PUBLISH_BATCH + 7
+    chunks = [[3 * n, 3 * n + 1, 3 * n + 2] for n in range(count)]
+    assert Queue(settings_for("sqlite://", redis_url)).send("batch_x", "m", "generate", chunks, priority=7) == count
+    client = redis.Redis.from_url(redis_url)
+    sent: dict[str, list[list[int]]] = {}
+    for key in broker_lists(queue_for("m", "generate")):
+        for raw in reversed(client.lrange(key, 0, -1)):  # LPUSH: the oldest message is last
+            args, _, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            assert args[0] == "batch_x"
+            sent.setdefault(key.rsplit(PRIORITY_SEP, 1)[-1], []).append(args[1])
+    # kombu's list for level L ends in 9 - L: the first FULL_PRIORITY_CHUNKS at 7, the rest at 6
+    assert sent == {"2": chunks[:FULL_PRIORITY_CHUNKS], "3": chunks[FULL_PRIORITY_CHUNKS:]}
