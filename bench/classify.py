@@ -57,8 +57,11 @@ METHODS: dict[str, dict[str, Any]] = {  # name -> what the request asks (the oth
     "calibrated scoring": {"method": "score", "calibrate": True},
     "uncalibrated scoring": {"method": "score", "calibrate": False},
     "guided choice": {"method": "choice", "calibrate": False},
-    "few-shot (2 per label)": {"method": "score", "calibrate": True, "shots": 2},  # the default
-    "few-shot (8 per label)": {"method": "score", "calibrate": True, "shots": 8},
+    "few-shot (8 per label)": {"method": "score", "calibrate": True, "shots": 8},  # the default: plain text
+    "few-shot (2 per label)": {"method": "score", "calibrate": True, "shots": 2},
+    "few-shot uncalibrated (8 per label)": {"method": "score", "calibrate": False, "shots": 8},
+    # the examples as earlier chat turns: the default before 2026-12-02
+    "few-shot as chat turns (8 per label)": {"method": "score", "calibrate": True, "shots": 8, "template": "chat"},
     f"probe ({PROBE_TRAINING} labelled)": {"method": "probe", "probe": "bench"},
 }
 WORDINGS = [  # instructions whose spread `--wordings` reports (the first is the default's choice)
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the lines measured (odd); the other half is labelled data for few-shot and probes")
     parser.add_argument("--wordings", action="store_true", help="also calibrated scoring's accuracy per wording")
     parser.add_argument("--instruction", default=INSTRUCTION)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed passes over the documents ({ROUNDS}); "
+                        "the answers are deterministic, so more passes only steady the docs/s")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     args = parser.parse_args(argv)
 
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             Labelled([{"text": text, "label": gold} for text, gold in pool])
         for name in names:
             measure(engine, name, WARMUP, args.instruction, labelled)
-        runs = rounds(engine, names, rows, args.instruction, 1 if args.quick else ROUNDS, labelled)
+        runs = rounds(engine, names, rows, args.instruction, 1 if args.quick else args.rounds, labelled)
         spread = wordings(engine, rows, labelled) if args.wordings else {}
     finally:
         engine.close()
@@ -211,7 +216,7 @@ def summary(runs: list[Run], rows: list[tuple[str, str]], args: argparse.Namespa
               for name, run in by_name.items() if calibrated and run is not calibrated}
     return {
         "model": MODEL, "engine": args.engine, "instruction": args.instruction, "labels": LABELS,
-        "documents": len(rows), "rounds": 1 if args.quick else ROUNDS, "half": args.half,
+        "documents": len(rows), "rounds": 1 if args.quick else args.rounds, "half": args.half,
         "runs": {run.method: {"accuracy": run.accuracy, "macro_f1": run.macro_f1, "ece": run.ece,
                               "docs_per_s": run.docs_per_s, "seconds": run.seconds, "failed": run.failed}
                  for run in runs},
@@ -225,8 +230,8 @@ def summary(runs: list[Run], rows: list[tuple[str, str]], args: argparse.Namespa
 def table(runs: list[Run], report: dict[str, Any]) -> str:
     lines = [(f"{report['engine']}, {MODEL}, {report['documents']} documents ({report['half']} lines) x "
               f"{report['rounds']} timed rounds, instruction {report['instruction']!r}"),
-             f"{'method':<24} {'accuracy':>9} {'macro-F1':>9} {'ECE':>6} {'docs/s':>8} {'seconds':>8} {'failed':>7}"]
-    lines += [f"{r.method:<24} {r.accuracy:>9.3f} {r.macro_f1:>9.3f} {r.ece:>6.3f} {r.docs_per_s:>8.2f} "
+             f"{'method':<36} {'accuracy':>9} {'macro-F1':>9} {'ECE':>6} {'docs/s':>8} {'seconds':>8} {'failed':>7}"]
+    lines += [f"{r.method:<36} {r.accuracy:>9.3f} {r.macro_f1:>9.3f} {r.ece:>6.3f} {r.docs_per_s:>8.2f} "
               f"{r.seconds:>8.1f} {r.failed:>7}" for r in runs]
     lines += [f"{name}: {ratio:.2f}" for name, ratio in report["ratios"].items()]
     if report["probe_learning_seconds"]:

@@ -295,9 +295,10 @@ SHOTS = [{"text": "Excellent product, works exactly as described.", "label": "po
 
 
 def test_engines_agree_on_few_shot(transformers_engine: TransformersEngine, vllm_engine: VLLMEngine) -> None:
-    """Examples are earlier turns, the same for every text; they move the answers, on both engines alike,
-    for label scoring (its content-free prior estimated with them), guided choice and multi-label."""
-    few = reviews(examples=SHOTS, shots=2)
+    """Examples as chat turns (`template: chat`; the default for examples is plain text) are earlier
+    turns, the same for every text; they move the answers, on both engines alike, for label scoring (its
+    content-free prior estimated with them), guided choice and multi-label."""
+    few = reviews(examples=SHOTS, shots=2, template="chat")
     query = classify_prompt.single_label(few[0], ["positive", "negative"], SENTIMENT)
     assert [m.role for m in query.messages] == ["user", "assistant"] * 4 + ["user"]
     assert query.messages[:-1] == classify_prompt.single_label(few[1], ["positive", "negative"], SENTIMENT).messages[:-1]
@@ -310,12 +311,12 @@ def test_engines_agree_on_few_shot(transformers_engine: TransformersEngine, vllm
     assert max(moved) > 0.05
     with_examples, without = (calibration.known(_single_key(vllm_engine, r, SENTIMENT)) for r in (few[0], reviews()[0]))
     assert with_examples is not None and without is not None and with_examples != without  # a prior of its own
-    hf_choice, vl_choice = (classify(engine, reviews(examples=SHOTS, method="choice"))
+    hf_choice, vl_choice = (classify(engine, reviews(examples=SHOTS, method="choice", template="chat"))
                             for engine in (transformers_engine, vllm_engine))
     agreed = [answer_of(a).label == answer_of(b).label for a, b in zip(hf_choice, vl_choice, strict=True)]
     assert sum(agreed) >= len(agreed) - 1  # a choice has no margin to check: a near tie may go either way
     tagged = [{**shot, "labels": [shot["label"]]} for shot in SHOTS]
-    multi = [ClassifyRequest(text=REVIEWS[0][0], labels=["positive", "negative"], multi_label=True,
+    multi = [ClassifyRequest(text=REVIEWS[0][0], labels=["positive", "negative"], multi_label=True, template="chat",
                              examples=[{k: v for k, v in t.items() if k != "label"} for t in tagged])]
     yes_no = classify_prompt.yes_no(multi[0], ["positive", "negative"], "negative", classify_prompt.wordings(multi[0])[0])
     assert [m.content for m in yes_no.messages[1:-1:2]] == ["no", "yes", "no", "yes"]

@@ -19,7 +19,7 @@ from schema.labels import check_labels, load_labels_file
 from schema.models import resolve_model
 from schema.outputs import ErrorRecord
 from worker.engines.labels import continuation_ids, end_token_id, greedy_walk
-from worker.kinds import calibration
+from worker.kinds import calibration, classify_prompt
 
 LIMITS: dict[str, Any] = {"max_line_bytes": 10_000, "max_items": 100}
 
@@ -202,6 +202,24 @@ def test_examples_are_chosen_balanced_and_whatever_the_file_order() -> None:
     assert "examples" not in classify_spec(["positive", "negative"]).model_dump()  # other batches: as before
     few = classify_spec(["positive", "negative"], examples=EXAMPLES, shots=20)  # fewer than asked: all of them
     assert few.examples is not None and sorted(e.text for e in few.examples) == sorted(e["text"] for e in EXAMPLES)
+
+
+def test_examples_read_as_plain_text_unless_chat_is_asked_for() -> None:
+    """With examples a prompt is plain text, 8 of each label by default (chat turns made the default model
+    answer one label); `template: chat` keeps them as turns. The choice is stored, so it survives the
+    item's validation again in the worker."""
+    spec = classify_spec(["positive", "negative"], examples=EXAMPLES, instruction="Sentiment?")
+    assert spec.template == "plain" and spec.shots == 8 and spec.examples is not None and len(spec.examples) == 12
+    request = ClassifyRequest(**spec.model_dump(), text="great value")
+    assert request.template == "plain"
+    query = classify_prompt.single_label(request, ["positive", "negative"], "Sentiment?")
+    assert query.messages == [] and query.prompt is not None
+    blocks = query.prompt.split("\n\n")
+    assert blocks[0] == f"Sentiment?\n{spec.examples[0].text}\nAnswer: positive" and len(blocks) == 13
+    assert blocks[-1] == "Sentiment?\ngreat value\nAnswer:"
+    chat = classify_spec(["positive", "negative"], examples=EXAMPLES, template="chat")
+    assert ClassifyRequest(**chat.model_dump(), text="x").template == "chat"
+    assert classify_spec(["positive", "negative"]).template == "chat"  # without examples: as before
 
 
 @pytest.mark.parametrize(("examples", "options", "message"), [
