@@ -36,8 +36,9 @@ FULL_PRIORITY_CHUNKS = 4
 PRIORITY_SEP = "\x06\x16"  # kombu's: a queue's list for level L is queue + PRIORITY_SEP + str(9 - L)
 
 
-# Chunk messages per Redis round trip at submission: each send_task was its own LPUSH, 2-3 ms apiece
-# (782 of them for 100,000 items); kombu's batch buffers the LPUSHes in one pipeline instead.
+# Chunk messages per Redis round trip: each send_task was its own LPUSH (782 for 100,000 items, 0.49-0.65 s
+# here; 0.42 s pipelined, the rest is Celery building the messages). A failed flush raises to the sender as
+# a failed send did; what it held is still queued in SQL, and the reconciler sends it again.
 PUBLISH_BATCH = 500
 
 
