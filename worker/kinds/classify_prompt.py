@@ -13,8 +13,10 @@ the answer either way, and on small models a list of options in the prompt pulls
 the list's order more than it informs it. The default wordings do list them: without an instruction
 they are all the model learns about the task.
 
-Few-shot examples (`--examples`) come first, as earlier turns asked and answered as the text will be:
-every item's prompt then starts with the same turns, which the engine's prefix cache computes once.
+Few-shot examples (`--examples`) come first, asked and answered as the text will be: as plain text by
+default (schema.kinds.classify: as chat turns they made the default model answer one label), or as
+earlier turns with `template: chat`. Every item's prompt then starts with the same examples, which the
+engine's prefix cache computes once.
 """
 
 from __future__ import annotations
