@@ -14,15 +14,16 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 
 from schema.errors import EngineError, ModelError
 from schema.jobs import ChatMessage, GenerationRequest, SamplingParams
 from schema.models import resolve_model
 from schema.settings import Settings
 from worker.engines import Engine, load_engine, pick_engine
-from worker.engines.transformers_engine import TransformersEngine
+from worker.engines.transformers_engine import TransformersEngine, compute_dtype
 from worker.engines.vllm_engine import VLLMEngine
-from worker.models import prepare, prepare_for_vllm
+from worker.models import prepare, prepare_for_vllm, prepared_folder
 
 MODEL = "smollm2-135m-instruct"
 ENGINE_NAMES = ["transformers", "vllm"]
@@ -46,7 +47,8 @@ def prepared_model(engine_settings: Settings) -> Path:
 
 @pytest.fixture(scope="module")
 def transformers_engine(engine_settings: Settings) -> Iterator[TransformersEngine]:
-    engine = load_engine(MODEL, "transformers", engine_settings)
+    shared_cache = engine_settings.model_copy(update={"cache_dir": Settings().cache_dir})  # its weights, once per machine
+    engine = load_engine(MODEL, "transformers", shared_cache)
     assert isinstance(engine, TransformersEngine)
     yield engine
     engine.close()
@@ -116,6 +118,20 @@ def test_failed_conversion_leaves_nothing_that_looks_ready(
     with pytest.raises(ModelError, match="simulated crash"):
         prepare(MODEL, tmp_path)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_transformers_reads_weights_prepared_at_its_own_dtype(transformers_engine: TransformersEngine) -> None:
+    """From the cache, not the GGUF file (which de-quantizes every tensor on each load), and stored at the
+    engine's compute dtype, not through vLLM's bf16: the same numbers as read from the GGUF file."""
+    from safetensors import safe_open
+
+    dtype = compute_dtype()
+    folder = Path(str(transformers_engine._model.name_or_path))  # type: ignore[union-attr]
+    assert folder == prepared_folder(resolve_model(MODEL), Settings().cache_dir, str(dtype).removeprefix("torch."))
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        stored = {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118  # not a dict
+    assert stored == {{torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]}
+    assert {p.dtype for p in transformers_engine._model.parameters()} == {dtype}  # type: ignore[union-attr]
 
 
 def test_auto_picks_vllm_when_it_imports() -> None:

@@ -6,6 +6,7 @@ import gc
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from schema.errors import EngineError, ErrorCode, ModelError
 from schema.jobs import GenerationRequest, GenerationResult, SamplingParams, Windows
-from schema.models import ModelSource, resolve_model
+from schema.models import resolve_model
 from schema.settings import Settings, get_settings
 from worker.engines import (
     Admitted,
@@ -36,6 +37,7 @@ from worker.engines.labels import (
     split_runnable,
 )
 from worker.engines.pooling import Pooling, is_matryoshka, pooling_of
+from worker.models import prepare_weights
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -79,7 +81,9 @@ class TransformersEngine:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._model: PreTrainedModel | None
         source = resolve_model(model)
-        self._tokenizer, self._model = _load(source, dtype or compute_dtype(), self.device, layers)
+        dtype = dtype or compute_dtype()
+        folder = prepare_weights(source, settings.cache_dir, str(dtype).removeprefix("torch."))
+        self._tokenizer, self._model = _load(source.name, folder, dtype, self.device, layers)
         self.pooling, self.matryoshka = pooling_of(source.folder), is_matryoshka(source.folder)
         own = getattr(self._model.config, "max_position_embeddings", None)
         self.max_model_len = context_length(max_model_len or settings.max_model_len, own, self.name)
@@ -302,18 +306,17 @@ class TransformersEngine:
 
 
 def _load(
-    source: ModelSource, dtype: torch.dtype, device: torch.device, layers: int | None = None
+    name: str, folder: Path, dtype: torch.dtype, device: torch.device, layers: int | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         # Eager attention: on the CPU, SDPA in bf16 garbles left-padded rows of a batch (measured here:
         # the shortest of 16 prompts answered nonsense); eager is as fast and exact.
         model = AutoModelForCausalLM.from_pretrained(
-            source.folder, gguf_file=source.gguf_file, dtype=dtype, attn_implementation="eager",
-            **({"num_hidden_layers": layers} if layers else {}),
+            folder, dtype=dtype, attn_implementation="eager", **({"num_hidden_layers": layers} if layers else {}),
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model '{source.name}': {exc}") from exc
+        raise ModelError(f"cannot load model '{name}': {exc}") from exc
     tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
