@@ -110,7 +110,7 @@ def test_prepare_returns_a_hf_folder_as_is(engine_settings: Settings, prepared_m
 def test_failed_conversion_leaves_nothing_that_looks_ready(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash(source: object, out: Path) -> None:
+    def crash(source: object, out: Path, dtype: str) -> None:
         (out / "config.json").write_text("{}")  # half written
         raise ModelError("simulated crash")
 
