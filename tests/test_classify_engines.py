@@ -144,18 +144,17 @@ def test_a_long_text_splits_into_windows_that_fit(request: pytest.FixtureRequest
         texts = _windows(engine, item)
         assert texts is not None and len(texts) == 3, texts and [len(t) for t in texts]
         assert texts[0].startswith("START") and texts[-1].endswith("END")
+        widest = max(classify_prompt.wordings(item), key=len)  # what a batch without an instruction sizes by
         for text in texts:
-            queries = ([classify_prompt.yes_no(item, labels, label, WIDEST, text) for label in labels] if multi_label
-                       else [classify_prompt.single_label(item, labels, WIDEST, text)])
+            queries = ([classify_prompt.yes_no(item, labels, label, widest, text) for label in labels] if multi_label
+                       else [classify_prompt.single_label(item, labels, widest, text)])
             tokens = [tokenize(engine._tokenizer, query, engine.max_model_len) for query in queries]
             assert all(isinstance(t, Tokenized) for t in tokens)
-        first = tokenize(engine._tokenizer, classify_prompt.single_label(item, labels, WIDEST, texts[0]),
+        first = tokenize(engine._tokenizer, classify_prompt.single_label(item, labels, widest, texts[0]),
                          engine.max_model_len)
         assert isinstance(first, Tokenized) and len(first.prompt) > engine.max_model_len - 100
     assert _windows(engine, reviews(long=long)[0]) is None
 
-
-WIDEST = max(classify_prompt.DEFAULT_INSTRUCTIONS, key=len)  # what a batch without an instruction sizes windows by
 
 
 # --- calibration, guided choice, multi-label: both engines, same answers -----------------------
@@ -206,14 +205,19 @@ def test_calibration_divides_out_the_content_free_prior(request: pytest.FixtureR
     assert abs(prior[0] - 0.5) > 0.02  # the model leans one way whatever the text: what calibration removes
 
 
-def test_without_an_instruction_the_default_wordings_are_averaged(transformers_engine: TransformersEngine) -> None:
+def test_without_an_instruction_the_default_wordings_are_averaged(transformers_engine: TransformersEngine,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompt ensembling: a batch without an instruction answers with the mean of what each default
-    wording answers alone, each calibrated on its own prior (single-label and multi-label)."""
-    for spec in ({}, {"multi_label": True}):
+    wording answers alone, each calibrated on its own prior: the answer cues for single-label, the
+    generic questions for multi-label."""
+    for spec, defaults in (({}, "DEFAULT_CUES"), ({"multi_label": True}, "DEFAULT_INSTRUCTIONS")):
         plain = [ClassifyRequest(text=text, labels=["positive", "negative"], **spec) for text, _ in REVIEWS[:3]]
         together = classify(transformers_engine, plain)
-        alone = [classify(transformers_engine, [r.model_copy(update={"instruction": w}) for r in plain])
-                 for w in classify_prompt.DEFAULT_INSTRUCTIONS]
+        alone = []
+        for wording in getattr(classify_prompt, defaults):
+            with monkeypatch.context() as patch:  # the same batch, asked under one of its wordings
+                patch.setattr(classify_prompt, defaults, (wording,))
+                alone.append(classify(transformers_engine, plain))
         apart = 0.0  # how far the wordings' answers lie from their mean
         for index, result in enumerate(together):
             for label, p in answer_of(result).probabilities.items():
@@ -229,11 +233,11 @@ def test_without_an_instruction_the_default_wordings_are_averaged(transformers_e
 def test_text_first_prompts_of_one_text_share_it_as_a_prefix(transformers_engine: TransformersEngine) -> None:
     """`layout: text-first` puts the text before the question, so the ensemble's prompts for one text share
     its tokens as a prefix (vLLM's prefix cache computes them once); question first (the default) shares
-    only the chat template's opening."""
+    only the chat template's opening. (Without `template: chat` such a batch asks no question at all.)"""
     tokenizer, text = transformers_engine._tokenizer, "A long review of the product, " * 20
 
     def shared(layout: str) -> int:
-        request = ClassifyRequest(text=text, labels=["positive", "negative"], layout=layout)
+        request = ClassifyRequest(text=text, labels=["positive", "negative"], layout=layout, template="chat")
         first, second = (tokenize(tokenizer, classify_prompt.single_label(request, request.labels or [], w),
                                   transformers_engine.max_model_len) for w in classify_prompt.DEFAULT_INSTRUCTIONS[:2])
         assert isinstance(first, Tokenized) and isinstance(second, Tokenized)

@@ -219,7 +219,31 @@ def test_examples_read_as_plain_text_unless_chat_is_asked_for() -> None:
     assert blocks[-1] == "Sentiment?\ngreat value\nAnswer:"
     chat = classify_spec(["positive", "negative"], examples=EXAMPLES, template="chat")
     assert ClassifyRequest(**chat.model_dump(), text="x").template == "chat"
-    assert classify_spec(["positive", "negative"]).template == "chat"  # without examples: as before
+    assert classify_spec(["positive", "negative"], instruction="Sentiment?").template == "chat"  # no examples
+
+
+def test_without_an_instruction_a_prompt_is_the_text_and_an_answer_cue() -> None:
+    """A single-label batch without an instruction asks no question: plain text, the text, then each
+    default cue (bench/zero_shot.py chose them), the label after it; examples read the same way. The
+    template is its usual one, so it is not stored. With `template: chat`, or multi-label (a yes/no is
+    a question), the generic questions instead."""
+    spec = classify_spec(["positive", "negative"])
+    assert spec.template == "plain" and "template" not in spec.model_dump()
+    request = ClassifyRequest(**spec.model_dump(), text="great value")
+    assert classify_prompt.wordings(request) == list(classify_prompt.DEFAULT_CUES)
+    query = classify_prompt.single_label(request, ["positive", "negative"], "Category:")
+    assert query.messages == [] and query.prompt == "Text: great value\nCategory:"
+    assert query.continuations() == [" positive", " negative"]
+    few = classify_spec(["positive", "negative"], examples=EXAMPLES, shots=1)
+    shown = classify_prompt.single_label(ClassifyRequest(**few.model_dump(), text="great value"),
+                                         ["positive", "negative"], "Label:")
+    assert few.examples is not None and shown.prompt is not None
+    assert shown.prompt.split("\n\n")[0] == f"Text: {few.examples[0].text}\nLabel: {few.examples[0].label}"
+    for asked in (classify_spec(["positive", "negative"], template="chat"),
+                  classify_spec(["positive", "negative"], multi_label=True)):
+        again = ClassifyRequest(**asked.model_dump(), text="x")
+        assert again.template == "chat" and classify_prompt.wordings(again) == list(classify_prompt.DEFAULT_INSTRUCTIONS)
+    assert classify_spec(["positive", "negative"], template="chat").model_dump()["template"] == "chat"
 
 
 @pytest.mark.parametrize(("examples", "options", "message"), [

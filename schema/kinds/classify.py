@@ -107,15 +107,15 @@ class ClassifySpec(BaseModel):
     # None only for a classification-head model, whose labels it knows
     labels: list[str] | None = Field(default=None, description="comma-separated labels, e.g. positive,negative")
     instruction: str | None = Field(default=None, description="the question asked about each text ({labels} "
-                                                              "lists them); default: several generic ones, "
-                                                              "averaged")
+                                                              "lists them); default: none, the text and "
+                                                              "several answer cues, averaged")
     # How a prompt reads (chosen on two tasks' tuning halves by bench/zero_shot.py; worker/kinds/classify_prompt.py)
     layout: Layout = Field(default="question-first", exclude_if=lambda v: v == "question-first",
                            description="the question before the text (default), or after it: the prompts of "
                                        "one text then share it as a prefix, which vLLM computes once")
     template: Template = Field(default="chat",
-                               description="the model's chat template (default; plain with --examples), or "
-                                           "plain text, for a model without one")
+                               description="the model's chat template (default with --instruction or "
+                                           "--multi-label), or plain text (default otherwise)")
     method: Method = Field(default="score", description="score every label (default), guided generation of one, "
                                                         "or a probe learned from labelled texts (--train, --probe)")
     calibrate: bool = Field(default=True, description="raw label probabilities, without contextual calibration")
@@ -181,17 +181,28 @@ class ClassifySpec(BaseModel):
             if self.labels is None:
                 raise ValueError("examples need the batch's labels (--labels)")
             self.examples = choose_examples(self.examples, self.labels, self.shots, self.multi_label)
-            if "template" not in self.model_fields_set:  # examples read as plain text unless asked otherwise
-                self.template = "plain"
         return self
+
+    @model_validator(mode="after")
+    def _default_template(self) -> ClassifySpec:
+        if "template" not in self.model_fields_set:
+            self.template = self._usual_template()
+        return self
+
+    def _usual_template(self) -> Template:
+        """Plain text for examples (as chat turns they made the default model answer one label) and for a
+        single-label batch without an instruction (worker/kinds/classify_prompt.py: the text and an answer
+        cue); the chat template for a question."""
+        if self.examples is not None or (self.instruction is None and not self.multi_label):
+            return "plain"
+        return "chat"
 
     @model_serializer(mode="wrap")
     def _template_when_it_differs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """`template` is stored unless it is the default of its batch (chat, or plain with examples), so that
-        an explicit chat with examples survives validation again, and other batches' requests, and their
-        cache keys, stay as they were."""
+        """`template` is stored unless it is the usual one of its batch, so that an explicit choice survives
+        validation again, and other batches' requests, and their cache keys, stay as they were."""
         data: dict[str, Any] = handler(self)
-        if data.get("template") == ("plain" if self.examples is not None else "chat"):
+        if data.get("template") == self._usual_template():
             del data["template"]
         return data
 
@@ -336,6 +347,7 @@ PROBABILITY_PREFIX = "p_"
 
 class Classify(Kind):
     name = "classify"
+    version = 2  # 2: a batch without an instruction asks answer cues in plain text (worker/kinds/classify_prompt.py)
     spec_model = ClassifySpec
     summary = "a label and its probabilities per line {custom_id|id, text, labels?}"
     answer_tables = (Result, ClassificationRow)

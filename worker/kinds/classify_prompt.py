@@ -1,17 +1,18 @@
 """The prompts of classification: the text and a question about it, in one user turn of the model's
 chat (or as plain text with `template: plain`); the answer is the label.
 
-Without an instruction of its own a batch asks several generic wordings of the question and averages
-their calibrated probabilities (prompt ensembling): on a small model accuracy swings by tens of points
-with the wording, and the average holds up better than a wording chosen blind (bench/zero_shot.py,
-which also chose the default layout, question first, and the chat template over plain text, on the
-tuning halves of two tasks). `layout: text-first` puts the text first instead, so that the prompts of
-one text share it as a prefix, which vLLM's prefix cache computes once.
+Without an instruction of its own a single-label batch asks no question: the prompt is plain text, the
+text and then an answer cue (`Text: ...` / `Label:`), under several cues whose calibrated probabilities
+are averaged (prompt ensembling). On a small model accuracy swings by tens of points with a question's
+wording, and bench/zero_shot.py, which chose this format and the cues on the tuning halves of two
+tasks, found the cue format ahead of every question format on both. With `template: chat`, and for
+multi-label batches (each label's yes/no is a question), a batch without an instruction asks
+DEFAULT_INSTRUCTIONS instead, question first; `layout: text-first` puts the text first, so that the
+prompts of one text share it as a prefix, which vLLM's prefix cache computes once.
 
 The labels are not listed unless the instruction asks for them with `{labels}`: the label is scored as
 the answer either way, and on small models a list of options in the prompt pulls the answer toward
-the list's order more than it informs it. The default wordings do list them: without an instruction
-they are all the model learns about the task.
+the list's order more than it informs it. The default questions do list them.
 
 Few-shot examples (`--examples`) come first, asked and answered as the text will be: as plain text by
 default (schema.kinds.classify: as chat turns they made the default model answer one label), or as
@@ -27,7 +28,12 @@ from schema.jobs import ChatMessage
 from schema.kinds.classify import ClassifyRequest, Example
 from worker.engines.labels import LabelQuery
 
-# Generic questions (any labels, any texts), asked together when a batch gives no instruction.
+# Without an instruction, plain text: the text after TEXT_LEAD, then each answer cue, the label after it
+# (chosen by bench/zero_shot.py: the lead and the cues of its candidates that did best on its tuning halves).
+TEXT_LEAD = "Text:"
+DEFAULT_CUES: tuple[str, ...] = ("Class:", "Category:", "Type:", "Label:")
+# Generic questions (any labels, any texts), asked together by a batch without an instruction in the chat
+# template or with multi-label.
 DEFAULT_INSTRUCTIONS = (
     "Which of these labels fits the text best: {labels}?",
     "Classify the text as one of: {labels}.",
@@ -40,9 +46,16 @@ YES_NO = ["yes", "no"]
 PLAIN_ANSWER = "Answer:"  # a plain prompt ends here; the label follows after a space
 
 
+def asks_no_question(request: ClassifyRequest) -> bool:
+    """A single-label request in plain text without an instruction: its wordings are answer cues."""
+    return request.instruction is None and request.template == "plain" and not request.multi_label
+
+
 def wordings(request: ClassifyRequest) -> list[str]:
-    """The instructions a request is asked under: its own, or the default ensemble."""
-    return [request.instruction] if request.instruction else list(DEFAULT_INSTRUCTIONS)
+    """The instructions (or cues) a request is asked under: its own, or the default ensemble."""
+    if request.instruction:
+        return [request.instruction]
+    return list(DEFAULT_CUES if asks_no_question(request) else DEFAULT_INSTRUCTIONS)
 
 
 def instruction(wording: str, labels: list[str]) -> str:
@@ -52,6 +65,9 @@ def instruction(wording: str, labels: list[str]) -> str:
 
 def single_label(request: ClassifyRequest, labels: list[str], wording: str, text: str | None = None) -> LabelQuery:
     """The query scoring each label as the answer; `text` replaces the request's (content-free input)."""
+    if asks_no_question(request):  # `wording` is the answer cue
+        return _query(request, lambda body: f"{TEXT_LEAD} {body}", labels, lambda example: example.answers()[0],
+                      text, cue=wording)
     question = instruction(wording, labels)
     return _query(request, lambda body: _ask(request, question, body), labels,
                   lambda example: example.answers()[0], text)
@@ -70,14 +86,14 @@ def _ask(request: ClassifyRequest, question: str, body: str) -> str:
 
 
 def _query(request: ClassifyRequest, ask: Callable[[str], str], labels: list[str],
-           answer: Callable[[Example], str], text: str | None) -> LabelQuery:
+           answer: Callable[[Example], str], text: str | None, cue: str = PLAIN_ANSWER) -> LabelQuery:
     """The few-shot examples asked and answered as the text will be, then the text, as chat turns or
-    as one plain-text prompt."""
+    as one plain-text prompt, whose answers follow `cue`."""
     body = request.text if text is None else text
     shots = [(ask(example.text), answer(example)) for example in request.examples or []]
     if request.template == "plain":
-        done = "".join(f"{asked}\n{PLAIN_ANSWER} {answered}\n\n" for asked, answered in shots)
-        return LabelQuery([], labels, prompt=f"{done}{ask(body)}\n{PLAIN_ANSWER}", answer_prefix=" ")
+        done = "".join(f"{asked}\n{cue} {answered}\n\n" for asked, answered in shots)
+        return LabelQuery([], labels, prompt=f"{done}{ask(body)}\n{cue}", answer_prefix=" ")
     turns = [message for asked, answered in shots for message in (
         ChatMessage(role="user", content=asked), ChatMessage(role="assistant", content=answered))]
     return LabelQuery([*turns, ChatMessage(role="user", content=ask(body))], labels)
