@@ -50,7 +50,7 @@ MODEL = "smollm2-135m-instruct"
 FORMATS: list[dict[str, Any]] = [{"layout": layout, "template": template}
            for layout, template in itertools.product(["text-first", "question-first"], ["chat", "plain"])]
 CUE_FORMAT = "text and answer cue, plain"
-LEADS = ["Text:", "Document:", "Input:"]  # candidates, written before any run
+LEADS = ["Text:", "Document:", "Input:"]  # candidates, written after one look at the tuning lines only
 CUES = ["Label:", "Category:", "Class:", "Type:", "Tag:", "Topic:", "Answer:", "Classification:"]
 ENSEMBLE_SIZE = 4  # cues averaged: as many as the default questions
 PREVIOUS: dict[str, Any] = {"layout": "question-first", "template": "chat"}  # the questions' ensemble, to 2026-12-03
