@@ -156,7 +156,6 @@ def test_a_long_text_splits_into_windows_that_fit(request: pytest.FixtureRequest
     assert _windows(engine, reviews(long=long)[0]) is None
 
 
-
 # --- calibration, guided choice, multi-label: both engines, same answers -----------------------
 
 

@@ -65,12 +65,13 @@ def instruction(wording: str, labels: list[str]) -> str:
 
 def single_label(request: ClassifyRequest, labels: list[str], wording: str, text: str | None = None) -> LabelQuery:
     """The query scoring each label as the answer; `text` replaces the request's (content-free input)."""
+    def first_answer(example: Example) -> str:
+        return example.answers()[0]
+
     if asks_no_question(request):  # `wording` is the answer cue
-        return _query(request, lambda body: f"{TEXT_LEAD} {body}", labels, lambda example: example.answers()[0],
-                      text, cue=wording)
+        return _query(request, lambda body: f"{TEXT_LEAD} {body}", labels, first_answer, text, cue=wording)
     question = instruction(wording, labels)
-    return _query(request, lambda body: _ask(request, question, body), labels,
-                  lambda example: example.answers()[0], text)
+    return _query(request, lambda body: _ask(request, question, body), labels, first_answer, text)
 
 
 def yes_no(request: ClassifyRequest, labels: list[str], label: str, wording: str,
