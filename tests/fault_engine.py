@@ -1,7 +1,7 @@
 """Fault injection for tests/test_faults.py, as engines a `gristmill worker --engine module:Class` loads.
 
-PoisonableEngine: the real transformers engine, except that any engine step holding a request that
-mentions POISON fails, as an engine does on an input it cannot handle. HoldingEngine: no inference,
+PoisonableEngine: the real transformers engine, except that a request that mentions POISON stalls it,
+then fails everything in it, as an engine does on an input it cannot handle. HoldingEngine: no inference,
 but requests finish only when the test says so (or never), so a test knows a chunk is running.
 CountingEngine: no inference, counting the requests that reach it (what the result cache saved).
 PacedEngine: no inference, at a steady pace (a few requests per step), so a batch's charts have a shape.
@@ -35,24 +35,37 @@ class CountingEngine(NullEngine):
 
 
 class PoisonableEngine(TransformersEngine):
+    """A request that mentions POISON stalls the engine for STALL_S, then breaks it: whatever came in
+    meanwhile fails with it, as beside an input that crashes a real engine mid-generation."""
+
+    STALL_S = 0.5  # long enough that a chunk sent beside the poison's (the other half of a split) is caught
+
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
-        self._poisoned: set[str] = set()
+        self._poisoned: dict[str, float] = {}  # key -> when it came in
 
     def add(self, request: GenerationRequest) -> str | GenerationResult:
-        key = super().add(request)
-        if isinstance(key, str) and _mentions(request, MARKER):
-            self._poisoned.add(key)
+        if not _mentions(request, MARKER):
+            return super().add(request)
+        key = str(next(self._keys))
+        self._poisoned[key] = time.monotonic()
         return key
 
     def step(self) -> list[tuple[str, GenerationResult]]:
-        if self._poisoned & set(self._pending):
+        if self._poisoned:
+            if time.monotonic() - min(self._poisoned.values()) < self.STALL_S:
+                time.sleep(0.02)
+                return []
             raise EngineError("the engine cannot run this batch (injected fault)")
         return super().step()
 
+    def has_unfinished(self) -> bool:
+        return bool(self._poisoned) or super().has_unfinished()
+
     def abort(self, keys: list[str]) -> None:
         super().abort(keys)
-        self._poisoned.difference_update(keys)
+        for key in keys:
+            self._poisoned.pop(key, None)
 
 
 class HoldingEngine(NullEngine):

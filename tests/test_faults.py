@@ -392,11 +392,10 @@ def test_database_connection_lost_inside_result_write(fault_settings: Settings, 
 
 
 def test_poison_item_is_isolated(pg_url: str, redis_url: str, settings_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    # One chunk at a time. With two in flight, an engine failure fails every chunk in it, so a neighbour of
-    # the poison can be interrupted beside it and, once alone past max_attempts, given up unrun: the likely
-    # cause of one CI failure here (62 succeeded, 2 failed), a bug to fix by running such a suspect with
-    # the engine to itself. Until then this test checks the bisection, and does not race it.
-    settings = settings_for(pg_url, redis_url, **{**FAST_RECOVERY, "chunk_size": 64, "inflight_chunks": 1})
+    """Two chunks in flight, so the poison's failure fails its neighbours too (the engine fails all it
+    holds): the chunks are split until it is alone, and only the poison is given up, none of the items
+    that failed beside it (each, once alone, runs with the engine to itself)."""
+    settings = settings_for(pg_url, redis_url, **{**FAST_RECOVERY, "chunk_size": 16})
     group = Workers(settings, tmp_path)
     try:
         group.start("tests.fault_engine:PoisonableEngine")
@@ -408,6 +407,8 @@ def test_poison_item_is_isolated(pg_url: str, redis_url: str, settings_for, tmp_
     with get_sessionmaker(settings.database_url)() as session:
         poison = session.scalars(select(Item).where(Item.batch_id == handle.id, Item.status == "failed")).one()
     assert poison.custom_id == "d017" and "gave up after 2 attempts" in (poison.last_error or "")
+    beside = [attempts for status, attempts in item_rows(settings, handle.id).values() if status == ItemStatus.succeeded]
+    assert max(beside) > settings.max_attempts, "no item failed beside the poison often enough to be at risk"
 
 
 def test_cancel_while_a_chunk_runs(pg_url: str, redis_url: str, settings_for, workers_on,  # type: ignore[no-untyped-def]

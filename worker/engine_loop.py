@@ -13,8 +13,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -66,6 +67,47 @@ class _Call:
             pass
 
 
+class Turns:
+    """Who may use the engine: any number of chunks together, or one chunk alone.
+
+    A failing engine fails everything in it, so an item under suspicion (it was tried before) runs
+    alone: then its failure is its own, and the chunks beside it are not blamed for it. A chunk waiting
+    to run alone goes before chunks that come after it, so it waits for no more than the ones running.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._sharing = 0  # chunks in the engine together
+        self._alone = False  # a chunk has the engine to itself
+        self._waiting_alone = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._sharing -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting_alone += 1
+            self._changed.wait_for(lambda: not self._alone and not self._sharing)
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
 class EngineLoop:
     """One driver thread per engine; any number of threads may submit chunks to it."""
 
@@ -78,6 +120,7 @@ class EngineLoop:
         self._closing = False
         self._dead = False
         self._calling: _Call | None = None  # the call the driver is in, for the watchdog
+        self.turns = Turns()  # chunks hold a turn while their requests are in the engine
         self._thread = threading.Thread(target=self._drive, name="engine-loop", daemon=True)
         self._thread.start()
         threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()

@@ -3,7 +3,9 @@
 Failure handling, driven by what SQL keeps per item (attempts, and whether the last run was interrupted):
 - a chunk holding an item whose last run failed or never ended (its worker or engine died, or the
   engine raised) is split in two and sent again, so a poison item ends up alone;
-- an interrupted item alone in its chunk past `max_attempts` runs is marked failed with its last error;
+- an item alone in its chunk that ran before has the engine to itself (a failing engine fails every
+  chunk in it, so a poison's neighbours fail beside it); alone, interrupted and past `max_attempts`
+  runs, it is marked failed with its last error;
 - writing results retries with backoff when the database drops the connection or cannot be reached
   (the results are in memory, nothing is acknowledged before they are in SQL), for `write_retry_s`;
   then the worker abandons them and its items go back to the queue when their lease ends. A worker that
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 from sqlalchemy import select
@@ -67,7 +70,8 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                 claimed[0].error_code or ErrorCode.engine_error)
         return {"claimed": 1, "succeeded": 0, "failed": 1}
     try:
-        outcomes, started, finished = runner.run(runtime, claimed)
+        with _turn(runtime, claimed):
+            outcomes, started, finished = runner.run(runtime, claimed)
     except Exception as exc:  # the engine failed as a whole: give the chunk back, the task retries it
         with make_session() as session, session.begin():
             code = ErrorCode.timeout if isinstance(exc, ChunkTimeout) else ErrorCode.engine_error
@@ -90,6 +94,13 @@ def run_chunk(runtime: Runtime, batch_id: str, item_ids: list[int]) -> dict[str,
                  "batch_id": batch_id, "chunk_id": chunk_id, "worker": runtime.host, "kind": runner.kind,
                  "items": len(outcomes), "failed": failed, "engine_s": round(engine_s, 4), "write_s": round(write_s, 4)})
     return {"claimed": len(claimed), "succeeded": len(outcomes) - failed, "failed": failed}
+
+
+def _turn(runtime: Runtime, claimed: list[store.Claimed]) -> AbstractContextManager[None]:
+    """The engine to itself for an item alone that ran before (a suspect, or the innocent neighbour
+    of one): an engine failure fails every chunk in it, and only a failure alone may count against it."""
+    suspect = len(claimed) == 1 and (claimed[0].attempts > 1 or claimed[0].interrupted)
+    return runtime.loop.turns.alone() if suspect else runtime.loop.turns.shared()
 
 
 def _answer_from_cache(runtime: Runtime, batch_id: str, claimed: list[store.Claimed]) -> list[store.Claimed]:
