@@ -22,12 +22,27 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import LargeBinary, String, func, insert, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    LargeBinary,
+    String,
+    cast,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from schema.db import among
+from schema.db import among, rows_table
 from schema.models import resolve_model
 from schema.states import ItemStatus
 from schema.tables import Batch, CachedResult, Classification, Embedding, Item, Result
@@ -125,27 +140,44 @@ def restore(session: Session, hits: list[tuple[Item, CachedResult]], now: dateti
 def remember(session: Session, keyed: dict[int, str], kind: str, engine: str, now: datetime,
              engine_s_each: float | None = None, tables: tuple[Any, ...] = ANSWER_TABLES) -> None:
     """Keep the answers of these items, just computed, under their keys ({item id: key}; a key already
-    kept stays as it is), read from `tables` (the kind's answer_tables); `engine_s_each`: each one's
-    share of its chunk's engine time."""
-    rows: dict[int, dict[str, Any]] = {item_id: {} for item_id in keyed}
+    kept stays as it is), made of their rows in `tables` (the kind's answer_tables: an item missing one
+    of them is not kept); `engine_s_each`: each one's share of its chunk's engine time. One statement:
+    the database builds each answer's JSON, nothing is read back into Python."""
+    k = rows_table(session, "k", {"item_id": BigInteger, "key": String}, list(keyed.items()))
+    rows = select(k.c.key, cast(literal(kind), String), _answer_json(session, tables), cast(literal(engine), String),
+                  cast(literal(engine_s_each), Float), literal(now, DateTime(timezone=True))).select_from(k)
     for table in tables:
-        for row in session.execute(select(table).where(among(session, table.item_id, list(keyed)))).scalars():
-            rows[row.item_id][table.__tablename__] = _encoded(table, row)
-    entries = [{"key": keyed[i], "kind": kind, "rows": r, "engine": engine, "engine_s": engine_s_each, "created_at": now}
-               for i, r in rows.items() if r]
-    if entries:
-        upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        session.execute(upsert(CachedResult).on_conflict_do_nothing(index_elements=["key"]), entries)
+        rows = rows.join(table, table.item_id == k.c.item_id)
+    upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    columns = ["key", "kind", "rows", "engine", "engine_s", "created_at"]
+    # WHERE true: SQLite parses `ON CONFLICT` after `INSERT ... SELECT` only when the SELECT has a WHERE.
+    session.execute(upsert(CachedResult).from_select(columns, rows.where(true()))
+                    .on_conflict_do_nothing(index_elements=["key"]))
 
 
-def _encoded(table: Any, row: Any) -> dict[str, Any]:
-    values = {}
-    for column in table.__table__.columns:
-        if column.name in ITEM_COLUMNS:
-            continue
-        value = getattr(row, column.key)
-        values[column.name] = value.hex() if isinstance(column.type, LargeBinary) else value
-    return values
+def _answer_json(session: Session, tables: tuple[Any, ...]) -> Any:
+    """SQL for {table name: {column: value}} of an item's answer rows, less the item's own columns;
+    binary values as hex, as `_decoded` reads them."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    build = func.jsonb_build_object if postgres else func.json_object
+    answer = []
+    for table in tables:
+        values = []
+        for column in table.__table__.columns:
+            if column.name not in ITEM_COLUMNS:
+                values += [literal_column(f"'{column.name}'"), _json_value(column, postgres)]
+        answer += [literal_column(f"'{table.__tablename__}'"), build(*values)]
+    return build(*answer)
+
+
+def _json_value(column: Any, postgres: bool) -> Any:
+    if isinstance(column.type, LargeBinary):
+        return func.encode(column, "hex") if postgres else func.lower(func.hex(column))
+    if postgres:
+        return column
+    if isinstance(column.type, JSON):  # SQLite keeps JSON as text: nest it, not a string of it
+        return func.json(column)
+    return column
 
 
 def _decoded(table: Any, values: dict[str, Any]) -> dict[str, Any]:

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from producer import api
-from schema import cache
+from schema import cache, kinds
 from schema.db import get_sessionmaker
 from schema.jobs import SamplingParams
 from schema.kinds.generate import GenerateSpec
@@ -107,3 +108,30 @@ def test_a_request_answered_while_its_twin_waited_is_not_computed_again(sqlite_u
     info = second.status()
     assert info.status == BatchStatus.completed and info.request_counts.cached == 3
     assert outputs(second) == outputs(first)
+
+
+@pytest.mark.parametrize("task, spec", [("generate", {"sampling": SamplingParams(max_tokens=4)}),
+                                        ("classify", {"labels": ["colour", "fruit", "animal"]}),
+                                        ("embed", {})])
+def test_each_kinds_answer_comes_back_from_the_cache_as_it_was(db_url: str, settings_for, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               transformers_loop, task: str, spec: dict[str, Any]) -> None:
+    """The database builds the cached answer (JSON, booleans, binary vectors, on either database); the
+    rows a hit gets are the ones the engine's answer made."""
+    settings = settings_for(db_url)
+    docs = tmp_path / "in.jsonl"
+    docs.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in TEXTS.items()))
+    first = api.submit(docs, settings=settings, task=task, **spec)
+    assert run(settings, first, transformers_loop) == 3 and first.status().request_counts.completed == 3
+    again = api.submit(docs, settings=settings, task=task, **spec)
+    assert again.status().request_counts.cached == 3
+    tables = kinds.get(task).answer_tables
+    assert len(tables) == (1 if task == "generate" else 2)
+    for table in tables:
+        assert answer_rows(settings, table, again) == answer_rows(settings, table, first), table.__tablename__
+
+
+def answer_rows(settings: Any, table: Any, handle: api.BatchHandle) -> dict[str, dict[str, Any]]:
+    with get_sessionmaker(settings.database_url)() as session:
+        rows = session.scalars(select(table).where(table.batch_id == handle.id)).all()
+        return {row.custom_id: {c.key: getattr(row, c.key) for c in table.__table__.columns
+                                if c.name not in cache.ITEM_COLUMNS} for row in rows}
