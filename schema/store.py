@@ -142,6 +142,13 @@ class Written:
     ended: dict[str, int]  # what to add to the batch's counters (`count`): its items that ended now
 
 
+# 'running' as a subquery, not a constant: PostgreSQL would read the constant in statistics taken when the
+# batch was submitted (none running then), plan for one running item, and compare every running item with
+# every outcome (a nested loop: 318 ms for 1,024 outcomes); for a value it cannot see it plans the lookup
+# by primary key (19 ms; EXPLAIN ANALYZE, 1,024 outcomes, 50,000 items).
+_RUNNING = select(literal(ItemStatus.running.value)).scalar_subquery()
+
+
 def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, engine: str, model: str,
                    engine_batch_id: int, started: datetime, finished: datetime) -> Written:
     """Finish the items still running under this claim's lease, then store results for exactly those.
@@ -155,7 +162,7 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
     wait = seconds(session, Item.enqueued_at, Item.started_at)  # both in the database's clock
     finish = (
         update(Item)
-        .where(Item.id == v.c.id, Item.status == ItemStatus.running, Item.lease_id == v.c.lease)
+        .where(Item.id == v.c.id, Item.status == _RUNNING, Item.lease_id == v.c.lease)
         .values(status=v.c.status, last_error=v.c.error, error_code=v.c.error_code, tokens_per_s=v.c.tokens_per_s,
                 queue_wait_s=case((wait < 0, 0.0), else_=wait), finished_at=db_now(session), engine_s=engine_s,
                 engine=engine, model=model, engine_batch_id=engine_batch_id, lease_expires_at=None)
