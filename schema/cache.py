@@ -27,12 +27,13 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Float,
+    Insert,
     LargeBinary,
+    Select,
     String,
-    cast,
+    bindparam,
     func,
     insert,
-    literal,
     literal_column,
     select,
     true,
@@ -42,10 +43,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from schema.db import among, rows_table
+from schema.db import among, built_once, rows_json, rows_table
 from schema.models import resolve_model
 from schema.states import ItemStatus
-from schema.tables import Batch, CachedResult, Classification, Embedding, Item, Result
+from schema.tables import Batch, CachedResult, Classification, Embedding, Item, Result, table_of
 
 VERSION = 1  # bump when what a key covers changes: every earlier key then misses
 ANSWER_TABLES: tuple[Any, ...] = (Result, Classification, Embedding)  # rows keyed by item_id that make up an item's answer
@@ -92,9 +93,13 @@ def lookup(session: Session, keys: Iterable[str]) -> dict[str, CachedResult]:
     wanted = list(set(keys))
     found: dict[str, CachedResult] = {}
     for start in range(0, len(wanted), 5000):  # bounded IN lists (SQLite)
-        found.update({c.key: c for c in session.scalars(select(CachedResult).where(
-            among(session, CachedResult.key, wanted[start:start + 5000], String)))})
+        found.update({c.key: c for c in session.scalars(_lookup(session), {"keys": wanted[start:start + 5000]})})
     return found
+
+
+@built_once
+def _lookup(dialect: str) -> Select[CachedResult]:
+    return select(CachedResult).where(among(dialect, CachedResult.key, type_=String, param="keys"))
 
 
 def keys_answered(session: Session, batch_id: str) -> list[str]:
@@ -143,22 +148,29 @@ def remember(session: Session, keyed: dict[int, str], kind: str, engine: str, no
     kept stays as it is), made of their rows in `tables` (the kind's answer_tables: an item missing one
     of them is not kept); `engine_s_each`: each one's share of its chunk's engine time. One statement:
     the database builds each answer's JSON, nothing is read back into Python."""
-    k = rows_table(session, "k", {"item_id": BigInteger, "key": String}, list(keyed.items()))
-    rows = select(k.c.key, cast(literal(kind), String), _answer_json(session, tables), cast(literal(engine), String),
-                  cast(literal(engine_s_each), Float), literal(now, DateTime(timezone=True))).select_from(k)
+    session.execute(_remember(session, tables), {"k": rows_json(list(keyed.items())), "of_kind": kind,
+                                                 "by_engine": engine, "engine_s_each": engine_s_each, "now": now})
+
+
+@built_once
+def _remember(dialect: str, tables: tuple[Any, ...]) -> Insert:
+    k = rows_table(dialect, "k", {"item_id": BigInteger, "key": String})
+    rows = select(k.c.key, bindparam("of_kind", type_=String()), _answer_json(dialect, tables),
+                  bindparam("by_engine", type_=String()), bindparam("engine_s_each", type_=Float()),
+                  bindparam("now", type_=DateTime(timezone=True))).select_from(k)
     for table in tables:
         rows = rows.join(table, table.item_id == k.c.item_id)
-    upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    upsert = pg_insert if dialect == "postgresql" else sqlite_insert
     columns = ["key", "kind", "rows", "engine", "engine_s", "created_at"]
     # WHERE true: SQLite parses `ON CONFLICT` after `INSERT ... SELECT` only when the SELECT has a WHERE.
-    session.execute(upsert(CachedResult).from_select(columns, rows.where(true()))
-                    .on_conflict_do_nothing(index_elements=["key"]))
+    return (upsert(table_of(CachedResult)).from_select(columns, rows.where(true()))
+            .on_conflict_do_nothing(index_elements=["key"]))
 
 
-def _answer_json(session: Session, tables: tuple[Any, ...]) -> Any:
+def _answer_json(dialect: str, tables: tuple[Any, ...]) -> Any:
     """SQL for {table name: {column: value}} of an item's answer rows, less the item's own columns;
     binary values as hex, as `_decoded` reads them."""
-    postgres = session.get_bind().dialect.name == "postgresql"
+    postgres = dialect == "postgresql"
     build = func.jsonb_build_object if postgres else func.json_object
     answer = []
     for table in tables:

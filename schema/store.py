@@ -22,8 +22,11 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Float,
+    Insert,
     String,
+    Update,
     and_,
+    bindparam,
     case,
     insert,
     literal,
@@ -36,12 +39,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from schema.db import among, db_now, rows_table, seconds
+from schema.db import among, built_once, db_now, rows_json, rows_table, seconds
 from schema.errors import ErrorCode
 from schema.states import BatchStatus, ItemStatus
-from schema.tables import Batch, EngineBatch, Item, Result
+from schema.tables import Batch, EngineBatch, Item, Result, table_of
 
 log = logging.getLogger(__name__)
+# The statements every chunk runs on its items are Core, on the table: the ORM's bulk-DML layer costs as
+# much Python per statement as building one, and they use nothing of it.
+ITEMS = table_of(Item)
 
 
 @dataclass
@@ -78,30 +84,34 @@ class Outcome:
 
 def claim(session: Session, batch_id: str, item_ids: list[int], host: str, lease_s: float) -> list[Claimed]:
     """Mark the chunk's runnable items running under a new lease; items another worker holds are skipped."""
-    now, lease = db_now(session), secrets.token_hex(8)
+    rows = session.execute(_claim(session, lease_s), {"ids": item_ids, "of_batch": batch_id, "host": host,
+                                                      "lease": secrets.token_hex(8)}).all()
+    return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+
+
+@built_once
+def _claim(dialect: str, lease_s: float) -> Update:
+    now, item = db_now(dialect), ITEMS.c
     runnable = or_(
-        Item.status == ItemStatus.queued,
-        and_(Item.status == ItemStatus.running, Item.lease_expires_at < now),  # owner died, or was cut off
+        item.status == ItemStatus.queued,
+        and_(item.status == ItemStatus.running, item.lease_expires_at < now),  # owner died, or was cut off
     )
-    stmt = (
-        update(Item)
-        .where(among(session, Item.id, item_ids), Item.batch_id == batch_id, runnable)
+    return (
+        update(ITEMS)
+        .where(among(dialect, item.id, param="ids"), item.batch_id == bindparam("of_batch"), runnable)
         .values(
             status=ItemStatus.running,
-            attempts=Item.attempts + 1,
-            interrupted=case((Item.status == ItemStatus.running, True), else_=Item.interrupted),
+            attempts=item.attempts + 1,
+            interrupted=case((item.status == ItemStatus.running, True), else_=item.interrupted),
             started_at=now,
-            worker_host=host,
-            lease_id=lease,
-            lease_expires_at=db_now(session, lease_s),
+            worker_host=bindparam("host"),
+            lease_id=bindparam("lease"),
+            lease_expires_at=db_now(dialect, lease_s),
         )
-        .returning(Item.id, Item.custom_id, Item.request, Item.enqueued_at, Item.attempts, Item.last_error,
-                   Item.interrupted, Item.error_code, Item.cache_key, Item.parent_id, Item.round, Item.lease_id,
-                   Item.started_at)
-        .execution_options(synchronize_session=False)
+        .returning(item.id, item.custom_id, item.request, item.enqueued_at, item.attempts, item.last_error,
+                   item.interrupted, item.error_code, item.cache_key, item.parent_id, item.round, item.lease_id,
+                   item.started_at)
     )
-    rows = session.execute(stmt).all()
-    return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
 
 
 def holding(claimed: list[Claimed]):  # type: ignore[no-untyped-def]
@@ -114,12 +124,15 @@ def holding(claimed: list[Claimed]):  # type: ignore[no-untyped-def]
 
 def record_engine_batch(session: Session, batch_id: str, host: str, engine: str, model: str,
                         outcomes: list[Outcome], started: datetime, finished: datetime) -> int:
-    return session.execute(insert(EngineBatch).values(
-        batch_id=batch_id, worker_host=host, engine=engine, model=model, n_items=len(outcomes),
-        started_at=started, finished_at=finished, engine_s=(finished - started).total_seconds(),
-        prompt_tokens=sum(o.prompt_tokens for o in outcomes),
-        completion_tokens=sum(o.completion_tokens for o in outcomes),
-    ).returning(EngineBatch.id)).scalar_one()
+    return session.execute(_RECORD_ENGINE_BATCH, {
+        "batch_id": batch_id, "worker_host": host, "engine": engine, "model": model, "n_items": len(outcomes),
+        "started_at": started, "finished_at": finished, "engine_s": (finished - started).total_seconds(),
+        "prompt_tokens": sum(o.prompt_tokens for o in outcomes),
+        "completion_tokens": sum(o.completion_tokens for o in outcomes),
+    }).scalar_one()
+
+
+_RECORD_ENGINE_BATCH = insert(table_of(EngineBatch)).returning(EngineBatch.id)  # Core: one row, no ORM bulk mode
 
 
 def insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key: str = "item_id") -> None:
@@ -158,18 +171,9 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
     transaction: from that update to the commit the batch's row is locked, and every chunk of the
     batch needs that lock."""
     engine_s = (finished - started).total_seconds()
-    v = rows_table(session, "v", OUTCOME_COLUMNS, [_outcome_row(o, engine_s) for o in outcomes])
-    wait = seconds(session, Item.enqueued_at, Item.started_at)  # both in the database's clock
-    finish = (
-        update(Item)
-        .where(Item.id == v.c.id, Item.status == _RUNNING, Item.lease_id == v.c.lease)
-        .values(status=v.c.status, last_error=v.c.error, error_code=v.c.error_code, tokens_per_s=v.c.tokens_per_s,
-                queue_wait_s=case((wait < 0, 0.0), else_=wait), finished_at=db_now(session), engine_s=engine_s,
-                engine=engine, model=model, engine_batch_id=engine_batch_id, lease_expires_at=None)
-        .returning(Item.id, Item.status)
-        .execution_options(synchronize_session=False)
-    )
-    moved = dict(session.execute(finish).all())
+    moved: dict[int, str] = dict(session.execute(_finish(session), {
+        "v": rows_json([_outcome_row(o, engine_s) for o in outcomes]), "chunk_engine_s": engine_s,
+        "by_engine": engine, "by_model": model, "chunk_id": engine_batch_id}).all())
     if len(moved) < len(outcomes):  # fenced off: the reconciler requeued them when the lease ran out
         log.warning("batch %s: %d of %d results discarded: their lease was lost (this worker was cut off past it, "
                     "and the items went back to the queue or to another worker)", batch_id,
@@ -177,22 +181,39 @@ def write_outcomes(session: Session, batch_id: str, outcomes: list[Outcome], *, 
                     extra={"batch_id": batch_id, "discarded": len(outcomes) - len(moved)})
     succeeded = [o for o in outcomes if moved.get(o.item.id) == ItemStatus.succeeded]
     if succeeded:
-        _insert_results(session, batch_id, succeeded, finished)
+        session.execute(_insert_results(session), {"of_batch": batch_id, "finished": finished, "r": rows_json([
+            (o.item.id, o.item.custom_id, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,
+             o.truncated_tokens) for o in succeeded])})
     documents = {o.item.id for o in outcomes if o.item.parent_id is None}  # windows are not the batch's items
     failed = sum(1 for item_id, status in moved.items() if status == ItemStatus.failed and item_id in documents)
     return Written(succeeded, {"succeeded": sum(1 for o in succeeded if o.item.id in documents), "failed": failed})
 
 
-def _insert_results(session: Session, batch_id: str, succeeded: list[Outcome], finished: datetime) -> None:
+@built_once
+def _finish(dialect: str) -> Update:
+    v, item = rows_table(dialect, "v", OUTCOME_COLUMNS), ITEMS.c
+    wait = seconds(dialect, item.enqueued_at, item.started_at)  # both in the database's clock
+    return (
+        update(ITEMS)
+        .where(item.id == v.c.id, item.status == _RUNNING, item.lease_id == v.c.lease)
+        .values(status=v.c.status, last_error=v.c.error, error_code=v.c.error_code, tokens_per_s=v.c.tokens_per_s,
+                queue_wait_s=case((wait < 0, 0.0), else_=wait), finished_at=db_now(dialect),
+                engine_s=bindparam("chunk_engine_s", type_=Float()), engine=bindparam("by_engine"),
+                model=bindparam("by_model"), engine_batch_id=bindparam("chunk_id"), lease_expires_at=None)
+        .returning(item.id, item.status)
+    )
+
+
+@built_once
+def _insert_results(dialect: str) -> Insert:
     """One INSERT ... SELECT from the rows; an item's result that exists already stays."""
-    r = rows_table(session, "r", RESULT_COLUMNS, [
-        (o.item.id, o.item.custom_id, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,
-         o.truncated_tokens) for o in succeeded])
-    insert_ = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    rows = select(*r.c, literal(batch_id).label("batch_id"), literal(finished, DateTime(timezone=True)).label("created_at"))
+    r = rows_table(dialect, "r", RESULT_COLUMNS)
+    insert_ = pg_insert if dialect == "postgresql" else sqlite_insert
+    rows = select(*r.c, bindparam("of_batch", type_=String()).label("batch_id"),
+                  bindparam("finished", type_=DateTime(timezone=True)).label("created_at"))
     # WHERE true: SQLite parses `ON CONFLICT` after `INSERT ... SELECT` only when the SELECT has a WHERE.
-    session.execute(insert_(Result).from_select([*RESULT_COLUMNS, "batch_id", "created_at"], rows.where(true()))
-                    .on_conflict_do_nothing(index_elements=["item_id"]))
+    return (insert_(table_of(Result)).from_select([*RESULT_COLUMNS, "batch_id", "created_at"], rows.where(true()))
+            .on_conflict_do_nothing(index_elements=["item_id"]))
 
 
 def count(session: Session, batch_id: str, **moved: int) -> None:
@@ -260,11 +281,16 @@ def cancel_queued(session: Session, batch_id: str) -> None:
 def close_if_done(session: Session, batch_id: str) -> None:
     """Move the batch on once every item has ended: `completed`, or `cancelled` if it was cancelling.
     One statement (it runs after every chunk): each column keeps its value unless its case applies."""
-    now = db_now(session)
+    session.execute(_close_if_done(session), {"of_batch": batch_id})
+
+
+@built_once
+def _close_if_done(dialect: str) -> Update:
+    now = db_now(dialect)
     ended = Batch.succeeded + Batch.failed + Batch.cancelled + Batch.expired >= Batch.total
     running, cancelling = Batch.status == BatchStatus.in_progress, Batch.status == BatchStatus.cancelling
-    session.execute(update(Batch).where(Batch.id == batch_id, running | cancelling, ended).values(
+    return update(Batch).where(Batch.id == bindparam("of_batch"), running | cancelling, ended).values(
         status=case((running, BatchStatus.completed), else_=BatchStatus.cancelled),
         finalizing_at=case((running, now), else_=Batch.finalizing_at),
         completed_at=case((running, now), else_=Batch.completed_at),
-        cancelled_at=case((cancelling, now), else_=Batch.cancelled_at)))
+        cancelled_at=case((cancelling, now), else_=Batch.cancelled_at))

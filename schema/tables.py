@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -31,6 +32,13 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 
 class Base(DeclarativeBase):
     pass
+
+
+def table_of(model: type[Base]) -> Table:
+    """A mapped class's Core table, for statements that skip the ORM's layer."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
 
 
 class Batch(Base):
