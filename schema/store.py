@@ -278,19 +278,26 @@ def cancel_queued(session: Session, batch_id: str) -> None:
     count(session, batch_id, cancelled=sum(1 for (parent,) in cancelled if parent is None))
 
 
-def close_if_done(session: Session, batch_id: str) -> None:
-    """Move the batch on once every item has ended: `completed`, or `cancelled` if it was cancelling.
-    One statement (it runs after every chunk): each column keeps its value unless its case applies."""
-    session.execute(_close_if_done(session), {"of_batch": batch_id})
+COUNTERS = ("succeeded", "failed", "cancelled", "expired")  # a batch's counts of its items that ended
+
+
+def close_if_done(session: Session, batch_id: str, **ended: int) -> None:
+    """Add `ended` (items that just reached a terminal state, by counter) to the batch's counts, and move
+    the batch on once every item has ended: `completed`, or `cancelled` if it was cancelling. One
+    statement, run after every chunk: each column keeps its value unless its case applies."""
+    session.execute(_close_if_done(session), {"of_batch": batch_id, **{f"add_{n}": ended.get(n, 0) for n in COUNTERS}})
 
 
 @built_once
 def _close_if_done(dialect: str) -> Update:
-    now = db_now(dialect)
-    ended = Batch.succeeded + Batch.failed + Batch.cancelled + Batch.expired >= Batch.total
-    running, cancelling = Batch.status == BatchStatus.in_progress, Batch.status == BatchStatus.cancelling
-    return update(Batch).where(Batch.id == bindparam("of_batch"), running | cancelling, ended).values(
-        status=case((running, BatchStatus.completed), else_=BatchStatus.cancelled),
+    now, added = db_now(dialect), {n: getattr(Batch, n) + bindparam(f"add_{n}", type_=BigInteger()) for n in COUNTERS}
+    # in an UPDATE every expression reads the row as it was: the counts after this one are `added`
+    all_ended = added["succeeded"] + added["failed"] + added["cancelled"] + added["expired"] >= Batch.total
+    running = all_ended & (Batch.status == BatchStatus.in_progress)
+    cancelling = all_ended & (Batch.status == BatchStatus.cancelling)
+    return update(Batch).where(Batch.id == bindparam("of_batch")).values(
+        **added,
+        status=case((running, BatchStatus.completed), (cancelling, BatchStatus.cancelled), else_=Batch.status),
         finalizing_at=case((running, now), else_=Batch.finalizing_at),
         completed_at=case((running, now), else_=Batch.completed_at),
         cancelled_at=case((cancelling, now), else_=Batch.cancelled_at))

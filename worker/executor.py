@@ -166,8 +166,7 @@ def _write(runtime: Runtime, runner: Runner, batch_id: str, outcomes: list[store
         to_send = windows.add(session, batch_id, [o for o in outcomes if o.windows is not None], finished)
         to_send += windows.documents_ready(session, batch_id, kinds.get(runner.kind),
                                            {o.item.parent_id for o in outcomes if o.item.parent_id}, finished)
-        store.count(session, batch_id, **written.ended)  # last: the batch's row stays locked until the commit
-        store.close_if_done(session, batch_id)
+        store.close_if_done(session, batch_id, **written.ended)  # last: the batch's row stays locked until the commit
     try:  # after the commit: counting must never fail work that is done
         metrics.finished(runner.kind, model, outcomes, succeeded, started, finished)
     except Exception:
