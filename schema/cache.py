@@ -34,6 +34,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    lateral,
     literal_column,
     select,
     true,
@@ -155,11 +156,12 @@ def remember(session: Session, keyed: dict[int, str], kind: str, engine: str, no
 @built_once
 def _remember(dialect: str, tables: tuple[Any, ...]) -> Insert:
     k = rows_table(dialect, "k", {"item_id": BigInteger, "key": String})
-    rows = select(k.c.key, bindparam("of_kind", type_=String()), _answer_json(dialect, tables),
+    sources = {table.__tablename__: _answer_row(dialect, table, k.c.item_id) for table in tables}
+    rows = select(k.c.key, bindparam("of_kind", type_=String()), _answer_json(dialect, sources),
                   bindparam("by_engine", type_=String()), bindparam("engine_s_each", type_=Float()),
                   bindparam("now", type_=DateTime(timezone=True))).select_from(k)
-    for table in tables:
-        rows = rows.join(table, table.item_id == k.c.item_id)
+    for table, source in zip(tables, sources.values(), strict=True):
+        rows = rows.join(source, true() if dialect == "postgresql" else table.item_id == k.c.item_id)
     upsert = pg_insert if dialect == "postgresql" else sqlite_insert
     columns = ["key", "kind", "rows", "engine", "engine_s", "created_at"]
     # WHERE true: SQLite parses `ON CONFLICT` after `INSERT ... SELECT` only when the SELECT has a WHERE.
@@ -167,18 +169,29 @@ def _remember(dialect: str, tables: tuple[Any, ...]) -> Insert:
             .on_conflict_do_nothing(index_elements=["key"]))
 
 
-def _answer_json(dialect: str, tables: tuple[Any, ...]) -> Any:
-    """SQL for {table name: {column: value}} of an item's answer rows, less the item's own columns;
-    binary values as hex, as `_decoded` reads them."""
+def _answer_row(dialect: str, table: Any, item_id: Any) -> Any:
+    """The item's row of an answer table to join. On PostgreSQL a lateral lookup by key: psycopg prepares
+    a statement run 5 times, and PostgreSQL then keeps the plan it made for the tables as they were, so a
+    join planned while `results` was nearly empty (a new database's first chunks) read all of it for
+    every chunk after (36 ms a chunk at 200,000 items, instead of 1); a lateral subquery with LIMIT
+    cannot be hashed, and is looked up by key whatever size the plan was made for."""
+    if dialect != "postgresql":
+        return table_of(table)
+    return lateral(select(table_of(table)).where(table.item_id == item_id).limit(1)).alias(f"{table.__tablename__}_row")
+
+
+def _answer_json(dialect: str, sources: dict[str, Any]) -> Any:
+    """SQL for {table name: {column: value}} of an item's answer rows (`sources`: each table's row to
+    read, by table name), less the item's own columns; binary values as hex, as `_decoded` reads them."""
     postgres = dialect == "postgresql"
     build = func.jsonb_build_object if postgres else func.json_object
     answer = []
-    for table in tables:
+    for name, source in sources.items():
         values = []
-        for column in table.__table__.columns:
+        for column in source.c:
             if column.name not in ITEM_COLUMNS:
                 values += [literal_column(f"'{column.name}'"), _json_value(column, postgres)]
-        answer += [literal_column(f"'{table.__tablename__}'"), build(*values)]
+        answer += [literal_column(f"'{name}'"), build(*values)]
     return build(*answer)
 
 
