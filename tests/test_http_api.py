@@ -388,13 +388,15 @@ def test_metrics_add_up_across_uvicorn_workers(sqlite_url: str, settings_for, tm
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: answers(base + "/healthz"), 60, "the API did not start")
+        # the first process answers as soon as it is up; the requests must find both
+        wait_until(lambda: (tmp_path / "serve.log").read_text().count("Started server process") == 2, 60,
+                   "the second server process did not start")
         with httpx.Client() as http:  # new connections: the kernel spreads them over both processes
             for _ in range(20):
                 http.get(base + "/v1/batches", headers={"Connection": "close"})
         scraped = samples(base + "/metrics", None)
         assert scraped[("gristmill_http_requests_total", (("method", "GET"), ("route", "/v1/batches"),
                                                           ("status", "200")))] == 20
-        assert (tmp_path / "serve.log").read_text().count("Started server process") == 2
     finally:
         proc.terminate()
         proc.wait(timeout=60)
